@@ -1,0 +1,1 @@
+"""hparena's HTTP service: competitions, teams, submissions, runs and the leaderboard."""

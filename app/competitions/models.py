@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, TimestampMixin
+
+
+class Competition(TimestampMixin, Base):
+    __tablename__ = "competition"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    title: Mapped[str] = mapped_column(String(200))
+    # worker.engine.config.DataSpec / ModelSpec / Budget, as JSON
+    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)
+    model: Mapped[dict[str, Any]] = mapped_column(JSON)
+    budget: Mapped[dict[str, Any]] = mapped_column(JSON)
+    hardware_class: Mapped[str] = mapped_column(String(50), default="cpu")
+    # {hyperparameter: {"min":..,"max":..} | {"choices":[..]}}
+    search_space: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    submission_quota: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    quota_window_hours: Mapped[float | None] = mapped_column(nullable=True)
+    starts_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # One run per seed per submission.
+    seeds: Mapped[list[int]] = mapped_column(JSON, default=lambda: [0])
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("user_account.id"), nullable=True)
+
+
+class Team(TimestampMixin, Base):
+    __tablename__ = "team"
+    __table_args__ = (UniqueConstraint("competition_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+
+
+class Membership(TimestampMixin, Base):
+    """A participant's seat in one team of one competition."""
+
+    __tablename__ = "membership"
+    __table_args__ = (UniqueConstraint("user_id", "competition_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id", ondelete="CASCADE"))
+    team_id: Mapped[int] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
+    competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"))

@@ -1,0 +1,74 @@
+"""One settings object, read from HPARENA_* environment variables (and a .env file if present)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The offline copy of CIFAR-10 that sits beside the checkout on the project's machines.
+SHARED_CIFAR10 = PROJECT_ROOT.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+DEFAULT_ADMIN_TOKEN = "change-me-admin-token"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HPARENA_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    var_dir: Path = PROJECT_ROOT / "var"
+
+    # SQLite file by default; PostgreSQL in production: postgresql+psycopg://user@host/db
+    database_url: str = ""
+    # Embedded broker by default (kombu's filesystem transport, no server). Production: redis://host:6379/0
+    broker_url: str = "filesystem://"
+
+    # Where packed datasets and torchvision downloads go, and an explicit dataset location if any.
+    data_dir: Path | None = None
+    dataset_path: Path | None = None
+    allow_download: bool = True
+    # "auto" picks cuda when present; a worker may be pinned to "cpu" or "cuda:1".
+    device: str = "auto"
+
+    # A bootstrap admin, so a fresh install can create organizers. Production refuses the default.
+    admin_token: str = DEFAULT_ADMIN_TOKEN
+
+    # Worker behaviour.
+    hardware_class: str = "cpu"  # which queue this worker consumes: train.<hardware_class>
+    heartbeat_seconds: float = 5.0
+    # A running run whose heartbeat is older than this is presumed dead; its redelivered message may retake it.
+    stale_after_seconds: float = 60.0
+    max_attempts: int = 3
+    # Redis redelivers unacked messages after this; it must exceed the longest training budget.
+    visibility_timeout_seconds: int = 12 * 3600
+
+    @model_validator(mode="after")
+    def _defaults_and_production_guard(self) -> Settings:
+        self.var_dir = Path(self.var_dir)
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.var_dir / 'hparena.db'}"
+        if self.data_dir is None:
+            self.data_dir = self.var_dir / "data"
+        if self.dataset_path is None and SHARED_CIFAR10.exists():
+            self.dataset_path = SHARED_CIFAR10
+        if self.environment == "production":
+            if self.admin_token == DEFAULT_ADMIN_TOKEN or len(self.admin_token) < 24:
+                raise ValueError("HPARENA_ADMIN_TOKEN must be set to a long random secret in production")
+            if self.database_url.startswith("sqlite"):
+                raise ValueError("production needs a server database (HPARENA_DATABASE_URL=postgresql+psycopg://...)")
+        return self
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.var_dir / "broker"
+
+    def queue_for(self, hardware_class: str) -> str:
+        return f"train.{hardware_class}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,108 @@
+"""Submissions and their runs. One submission is trained once per evaluation seed: k seeds, k runs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.db import Base, TimestampMixin
+
+
+class RunStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    diverged = "diverged"
+    cancelled = "cancelled"
+
+
+TERMINAL = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.diverged, RunStatus.cancelled})
+# The state machine: queued -> running -> terminal; queued -> cancelled; a dead worker's running run may be
+# re-claimed (running -> running, with attempts + 1) or given up (running -> failed).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    RunStatus.queued: frozenset({RunStatus.running, RunStatus.cancelled, RunStatus.failed}),
+    RunStatus.running: frozenset({RunStatus.running} | TERMINAL),
+    **{s: frozenset() for s in TERMINAL},
+}
+
+
+class Submission(TimestampMixin, Base):
+    __tablename__ = "submission"
+    __table_args__ = (Index("ix_submission_competition_status", "competition_id", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"))
+    team_id: Mapped[int] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"))
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Derived from the runs by submissions.service.refresh_submission; cached here so SQL can rank it.
+    status: Mapped[str] = mapped_column(String(20), default=RunStatus.queued)
+    accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)  # mean public accuracy over seeds
+    gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # summed over seeds
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    runs: Mapped[list[Run]] = relationship(back_populates="submission", order_by="Run.id", lazy="selectin")
+
+
+class Run(TimestampMixin, Base):
+    __tablename__ = "run"
+    __table_args__ = (UniqueConstraint("submission_id", "seed"), Index("ix_run_status", "status"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("submission.id", ondelete="CASCADE"), index=True)
+    seed: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(80))
+    status: Mapped[str] = mapped_column(String(20), default=RunStatus.queued)
+    # Bumped by every claim; updates carry it as a fencing token so a presumed-dead worker can't write.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    worker_hostname: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    device_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1 of the epoch budget
+    accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)  # public test half
+    private_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    wall_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stop_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    diverged_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    diverged_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The engine's full result: resolved spec, versions, device, timings, per-half metrics.
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    submission: Mapped[Submission] = relationship(back_populates="runs")
+
+
+class EpochMetric(Base):
+    __tablename__ = "epoch_metric"
+    __table_args__ = (UniqueConstraint("run_id", "epoch"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), index=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    test_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    images_per_sec: Mapped[float | None] = mapped_column(Float, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RunLogits(Base):
+    """Test-set logits (fp16, row order = the test set's), kept so ensembles can be scored later."""
+
+    __tablename__ = "run_logits"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), primary_key=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    cols: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16), default="float16")
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -1,0 +1,291 @@
+"""Batched, on-device data augmentation.
+
+Every function takes a normalized float batch (B, C, H, W) on any device and a `torch.Generator` on
+that same device, and draws its randomness per sample from that generator only: the same generator
+state gives the same output, on CPU and on CUDA alike. No PIL and no Python loop over samples; a whole
+batch costs a handful of kernel launches, so augmentation keeps up with the GPU.
+
+Pixel-space operations (color jitter, grayscale) un-normalize with `mean`/`std`, which default to the
+CIFAR-10 statistics. Regions that are "blanked" (cutout, the corners a rotation exposes) are set to 0
+in normalized space, i.e. the dataset's mean color.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from worker.engine.config import TrainConfig
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights torchvision's rgb_to_grayscale uses
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, x: Tensor) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen, device=x.device)
+
+
+def _chance(n: int, p: float, gen: torch.Generator, x: Tensor) -> Tensor:
+    """Per-sample Bernoulli(p) as a bool vector."""
+    return torch.rand(n, generator=gen, device=x.device) < p
+
+
+def _bcast(v: Tensor) -> Tensor:
+    """(B,) -> (B, 1, 1, 1), to scale or select whole samples."""
+    return v.view(-1, 1, 1, 1)
+
+
+def _warp(x: Tensor, theta: Tensor, padding_mode: str) -> Tensor:
+    # grid_sample lacks half kernels on some backends; warping in fp32 and casting back is cheap.
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    grid = F.affine_grid(theta.to(work.dtype), list(work.shape), align_corners=False)
+    out = F.grid_sample(work, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return out.to(x.dtype)
+
+
+# ---- crops ----
+
+
+def random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:
+    """Reflect-pad by `padding`, then crop back to H x W at a per-sample random offset."""
+    if padding <= 0:
+        return x
+    b, c, h, w = x.shape
+    # reflect needs padding < size; beyond that, replicate is the nearest sensible border.
+    mode = "reflect" if padding < min(h, w) else "replicate"
+    padded = F.pad(x, (padding, padding, padding, padding), mode=mode)
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
+    rows = oy[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = ox[:, None] + torch.arange(w, device=x.device)  # (B, W)
+    # A single gather: broadcast (B,1,1,1) x (1,C,1,1) x (B,1,H,1) x (B,1,1,W) -> (B,C,H,W).
+    bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def random_resized_crop(x: Tensor, scale_min: float, scale_max: float, gen: torch.Generator) -> Tensor:
+    """Crop a per-sample box (area fraction in [scale_min, scale_max], aspect log-uniform in [3/4, 4/3],
+    random position) and resample it bilinearly back to H x W.
+
+    Unlike torchvision we do not retry boxes that do not fit: a side that would exceed the image is
+    clamped to it, which only ever shrinks the area (and only when the aspect is far from square).
+    """
+    b, _, h, w = x.shape
+    area = _uniform(b, scale_min, scale_max, gen, x)
+    ratio = torch.exp(_uniform(b, math.log(3 / 4), math.log(4 / 3), gen, x))
+    # Box sides as fractions of W and H, chosen so the box has `ratio` in pixels, not in fractions.
+    fw = torch.sqrt(area * ratio * h / w).clamp(max=1.0)
+    fh = torch.sqrt(area / ratio * w / h).clamp(max=1.0)
+    # affine_grid works in [-1, 1]: the box's half-extent is fw, its center may move by 1 - fw.
+    cx = (1 - fw) * (2 * torch.rand(b, generator=gen, device=x.device) - 1)
+    cy = (1 - fh) * (2 * torch.rand(b, generator=gen, device=x.device) - 1)
+    zero = torch.zeros_like(fw)
+    theta = torch.stack([torch.stack([fw, zero, cx], 1), torch.stack([zero, fh, cy], 1)], 1)
+    return _warp(x, theta, "reflection")
+
+
+# ---- geometric ----
+
+
+def hflip(x: Tensor, gen: torch.Generator, p: float = 0.5) -> Tensor:
+    """Flip each sample left-right with probability p."""
+    return torch.where(_bcast(_chance(x.shape[0], p, gen, x)), x.flip(3), x)
+
+
+def rotate(x: Tensor, degrees: float, gen: torch.Generator) -> Tensor:
+    """Rotate each sample by an angle uniform in [-degrees, degrees]; exposed corners get 0 (the mean)."""
+    if degrees <= 0:
+        return x
+    b, _, h, w = x.shape
+    a = torch.deg2rad(_uniform(b, -degrees, degrees, gen, x))
+    cos, sin = torch.cos(a), torch.sin(a)
+    zero = torch.zeros_like(a)
+    # affine_grid's coordinates are scaled per axis; the H/W factors make it a true rotation in pixels
+    # for non-square images (S^-1 R S with S = diag(W, H)).
+    theta = torch.stack([torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)], 1)
+    return _warp(x, theta, "zeros")
+
+
+# ---- occlusion ----
+
+
+def _box_mask(x: Tensor, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor, on: Tensor) -> Tensor:
+    """(B, 1, H, W) bool mask of the per-sample boxes [y0, y1) x [x0, x1), only where `on`."""
+    _, _, h, w = x.shape
+    ys = torch.arange(h, device=x.device)
+    xs = torch.arange(w, device=x.device)
+    in_y = (ys >= y0[:, None]) & (ys < y1[:, None])  # (B, H)
+    in_x = (xs >= x0[:, None]) & (xs < x1[:, None])  # (B, W)
+    return (in_y[:, :, None] & in_x[:, None, :] & on[:, None, None])[:, None]
+
+
+def cutout(x: Tensor, size: int, prob: float, gen: torch.Generator) -> Tensor:
+    """Zero a size x size square (center anywhere in the image, clipped at the borders) per sample,
+    each sample independently with probability `prob`."""
+    if size <= 0 or prob <= 0:
+        return x
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b,), generator=gen, device=x.device)
+    cx = torch.randint(0, w, (b,), generator=gen, device=x.device)
+    y0, x0 = cy - size // 2, cx - size // 2
+    on = _chance(b, prob, gen, x)
+    # Comparisons against arange clip the box at the borders for free.
+    mask = _box_mask(x, y0, y0 + size, x0, x0 + size, on)
+    return x.masked_fill(mask, 0.0)
+
+
+def random_erasing(x: Tensor, prob: float, scale_max: float, gen: torch.Generator) -> Tensor:
+    """Per sample with probability `prob`, fill a rectangle (area fraction uniform in [0.02, scale_max],
+    aspect log-uniform in [0.3, 3.3], fully inside the image) with standard-normal noise."""
+    if prob <= 0:
+        return x
+    b, _, h, w = x.shape
+    area = _uniform(b, min(0.02, scale_max), scale_max, gen, x) * h * w
+    ratio = torch.exp(_uniform(b, math.log(0.3), math.log(3.3), gen, x))
+    # Clamping instead of torchvision's rejection loop keeps this one pass; it trims extreme boxes.
+    eh = torch.sqrt(area * ratio).round().clamp(1, h).long()
+    ew = torch.sqrt(area / ratio).round().clamp(1, w).long()
+    y0 = (torch.rand(b, generator=gen, device=x.device) * (h - eh + 1)).long()
+    x0 = (torch.rand(b, generator=gen, device=x.device) * (w - ew + 1)).long()
+    on = _chance(b, prob, gen, x)
+    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    return torch.where(_box_mask(x, y0, y0 + eh, x0, x0 + ew, on), noise, x)
+
+
+# ---- color ----
+
+
+def _stats(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return m, s
+
+
+def _gray(u: Tensor) -> Tensor:
+    """(B, 1, H, W) luminance of a [0, 1] batch; for non-RGB input the channel mean."""
+    if u.shape[1] != 3:
+        return u.mean(1, keepdim=True)
+    wts = torch.as_tensor(_LUMA, dtype=u.dtype, device=u.device).view(1, 3, 1, 1)
+    return (u * wts).sum(1, keepdim=True)
+
+
+def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, gen: torch.Generator,
+                 *, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> Tensor:
+    """Per-sample brightness, contrast and saturation factors uniform in [1-s, 1+s], applied in that
+    fixed order in [0, 1] pixel space, clamping after each step as torchvision does."""
+    if brightness <= 0 and contrast <= 0 and saturation <= 0:
+        return x  # skip the un-normalize round trip, which is not bit-exact
+    b = x.shape[0]
+    m, s = _stats(x, mean, std)
+    u = x * s + m
+    if brightness > 0:
+        u = (u * _bcast(_uniform(b, 1 - brightness, 1 + brightness, gen, x))).clamp(0, 1)
+    if contrast > 0:
+        f = _bcast(_uniform(b, 1 - contrast, 1 + contrast, gen, x))
+        u = (f * u + (1 - f) * _gray(u).mean((2, 3), keepdim=True)).clamp(0, 1)
+    if saturation > 0:
+        f = _bcast(_uniform(b, 1 - saturation, 1 + saturation, gen, x))
+        u = (f * u + (1 - f) * _gray(u)).clamp(0, 1)
+    return (u - m) / s
+
+
+def random_grayscale(x: Tensor, prob: float, gen: torch.Generator, *, mean: Sequence[float] = CIFAR10_MEAN,
+                     std: Sequence[float] = CIFAR10_STD) -> Tensor:
+    """Per sample with probability `prob`, replace the pixels by their luminance (equal channels in
+    pixel space; re-normalized per channel, so not equal after normalization)."""
+    if prob <= 0:
+        return x
+    m, s = _stats(x, mean, std)
+    gray = (_gray(x * s + m) - m) / s  # (B,1,H,W) broadcasts against the per-channel stats
+    return torch.where(_bcast(_chance(x.shape[0], prob, gen, x)), gray, x)
+
+
+# ---- pipeline ----
+
+
+def augment_batch(x: Tensor, cfg: TrainConfig, gen: torch.Generator, *, mean: Sequence[float] = CIFAR10_MEAN,
+                  std: Sequence[float] = CIFAR10_STD) -> Tensor:
+    """Apply every augmentation `cfg` enables, in a fixed order: crop, rotate, flip, color jitter,
+    grayscale, cutout, random erasing. Occlusions come last so they are never warped or recolored."""
+    if cfg.random_resized_crop:
+        x = random_resized_crop(x, cfg.rrc_scale_min, cfg.rrc_scale_max, gen)
+    elif cfg.crop_padding > 0:
+        x = random_crop(x, cfg.crop_padding, gen)
+    if cfg.rotation_degrees > 0:
+        x = rotate(x, cfg.rotation_degrees, gen)
+    if cfg.flip:
+        x = hflip(x, gen)
+    if cfg.jitter_brightness > 0 or cfg.jitter_contrast > 0 or cfg.jitter_saturation > 0:
+        x = color_jitter(x, cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation, gen,
+                         mean=mean, std=std)
+    if cfg.grayscale_prob > 0:
+        x = random_grayscale(x, cfg.grayscale_prob, gen, mean=mean, std=std)
+    if cfg.cutout_size > 0:
+        x = cutout(x, cfg.cutout_size, cfg.cutout_prob, gen)
+    if cfg.erasing_prob > 0:
+        x = random_erasing(x, cfg.erasing_prob, cfg.erasing_scale_max, gen)
+    return x
+
+
+def mix_batch(x: Tensor, y: Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Mixup or CutMix on a whole batch; returns (x_mixed, y_a, y_b, lam) for the loss
+    `lam * CE(out, y_a) + (1 - lam) * CE(out, y_b)`.
+
+    At most one of the two per batch (a fair coin when both are enabled), applied with its probability.
+    lam ~ Beta(alpha, alpha) is drawn as G1 / (G1 + G2) with G1, G2 ~ Gamma(alpha, 1) from
+    `torch._standard_gamma(..., generator=gen)`, so it is exact and reproducible from `gen` alone.
+    CutMix pastes one box (the same for the whole batch) of area about (1 - lam) from the permuted
+    batch, then sets lam to the fraction of pixels actually kept, since clipping shrinks the box.
+    """
+    modes = [m for m, a in (("mixup", cfg.mixup_alpha), ("cutmix", cfg.cutmix_alpha)) if a > 0]
+    if not modes:
+        return x, y, y, 1.0
+    # One host sync for every scalar draw: pick, apply?, box center (y, x).
+    pick, apply, ry, rx = torch.rand(4, generator=gen, device=x.device).tolist()
+    mode = modes[0] if len(modes) == 1 else modes[int(pick < 0.5)]
+    alpha, prob = (cfg.mixup_alpha, cfg.mixup_prob) if mode == "mixup" else (cfg.cutmix_alpha, cfg.cutmix_prob)
+    if apply >= prob:
+        return x, y, y, 1.0
+    # float64: with a small alpha, float32 gammas can both underflow to 0.
+    g1, g2 = torch._standard_gamma(torch.full((2,), alpha, dtype=torch.float64, device=x.device),
+                                   generator=gen).tolist()
+    lam = g1 / (g1 + g2) if g1 + g2 > 0 else 0.5
+    perm = torch.randperm(x.shape[0], generator=gen, device=x.device)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+    h, w = x.shape[2:]
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(ry * h), int(rx * w)
+    y0, y1 = max(cy - ch // 2, 0), min(cy - ch // 2 + ch, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx - cw // 2 + cw, w)
+    out = x.clone()
+    out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+    return out, y, y[perm], 1 - (y1 - y0) * (x1 - x0) / (h * w)
+
+
+# ---- test-time augmentation ----
+
+
+def _translate(x: Tensor, pad: int, oy: int, ox: int) -> Tensor:
+    h, w = x.shape[2:]
+    return F.pad(x, (pad, pad, pad, pad), mode="reflect")[:, :, oy:oy + h, ox:ox + w]
+
+
+def tta_views(x: Tensor, mode: str) -> list[Tensor]:
+    """Views whose logits get averaged at evaluation: "none" -> [x]; "flip" -> [x, flipped];
+    "flip_translate" -> [x, flipped] plus each shifted 2 px down-right and 2 px up-left (6 views)."""
+    if mode == "none":
+        return [x]
+    views = [x, x.flip(3)]
+    if mode == "flip":
+        return views
+    if mode == "flip_translate":
+        return views + [_translate(v, 2, o, o) for v in views for o in (0, 4)]
+    raise ValueError(f"unknown tta mode {mode!r}")

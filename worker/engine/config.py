@@ -1,0 +1,217 @@
+"""The run description: hyperparameters a student sets, plus what the competition fixes.
+
+Everything here is plain data (pydantic). `app` imports this module to validate submissions and to
+publish the JSON Schema; nothing here imports torch, so the API can validate without loading it.
+
+Bounds on `TrainConfig` are the engine's hard limits. A competition narrows them further with a
+search space (see `SearchSpace`), and its budget caps epochs and seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Frac = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hyperparameters (what a submission sets)
+# ----------------------------------------------------------------------------------------------------
+
+
+class TrainConfig(_Strict):
+    """One training recipe. Every field has a default, so `{}` is a valid (and decent) config."""
+
+    # -- optimizer
+    optimizer: Literal["sgd", "adam", "adamw"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.2, gt=0.0, le=10.0, description="Peak learning rate.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    nesterov: bool = Field(True, description="Nesterov momentum (sgd only, needs momentum > 0).")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam/AdamW beta1.")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam/AdamW beta2.")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="Weight decay (L2 for sgd/adam, decoupled for adamw).")
+    no_decay_norm_bias: bool = Field(True, description="Exclude norm weights and biases from weight decay.")
+    lr_mult_stem: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for the stem.")
+    lr_mult_layer1: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for layer1.")
+    lr_mult_layer2: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for layer2.")
+    lr_mult_layer3: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for layer3.")
+    lr_mult_layer4: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for layer4.")
+    lr_mult_fc: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for the classifier.")
+
+    # -- batching
+    batch_size: int = Field(256, ge=1, le=8192, description="Examples per micro-step; effective batch is batch_size * grad_accum_steps.")
+    epochs: int = Field(10, ge=1, le=1000, description="Epochs (capped by the competition budget).")
+    grad_accum_steps: int = Field(1, ge=1, le=128, description="Micro-steps accumulated per optimizer step.")
+    grad_clip_norm: float | None = Field(None, gt=0.0, le=1000.0, description="Clip the global grad norm (None: off).")
+
+    # -- schedule
+    schedule: Literal["constant", "step", "multistep", "cosine", "onecycle"] = Field("onecycle")
+    warmup_epochs: float = Field(0.0, ge=0.0, le=100.0, description="Linear warmup in front of the schedule.")
+    final_lr_frac: float = Field(0.0, ge=0.0, le=1.0, description="Final lr as a fraction of the peak (cosine, onecycle).")
+    step_size: int = Field(30, ge=1, le=1000, description="Epochs between decays (step).")
+    milestones: list[int] = Field(default_factory=lambda: [50, 75], description="Epochs at which lr decays (multistep).")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="Decay factor (step, multistep).")
+    onecycle_pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="Fraction of training spent rising (onecycle).")
+
+    # -- regularisation
+    label_smoothing: float = Field(0.0, ge=0.0, le=0.5)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
+    mixup_alpha: float = Field(0.0, ge=0.0, le=10.0, description="Mixup Beta(alpha, alpha); 0 disables.")
+    mixup_prob: Frac = Field(1.0, description="Chance a batch gets mixup (when alpha > 0).")
+    cutmix_alpha: float = Field(0.0, ge=0.0, le=10.0, description="CutMix Beta(alpha, alpha); 0 disables.")
+    cutmix_prob: Frac = Field(1.0, description="Chance a batch gets cutmix (when alpha > 0).")
+    ema_decay: float | None = Field(None, ge=0.5, lt=1.0, description="EMA of weights, evaluated instead of raw weights.")
+    ema_every: int = Field(1, ge=1, le=1000, description="Optimizer steps between EMA updates.")
+    swa_epochs: int = Field(0, ge=0, le=1000, description="Average weights over the last N epochs (0: off).")
+
+    # -- augmentation (all run batched on the device, drawn per sample)
+    crop_padding: int = Field(4, ge=0, le=64, description="Random crop with reflect padding (0: off).")
+    random_resized_crop: bool = Field(False, description="Random resized crop instead of padded crop.")
+    rrc_scale_min: float = Field(0.35, gt=0.0, le=1.0)
+    rrc_scale_max: float = Field(1.0, gt=0.0, le=1.0)
+    flip: bool = Field(True, description="Random horizontal flip.")
+    cutout_size: int = Field(0, ge=0, le=512, description="Cutout square side in pixels (0: off).")
+    cutout_prob: Frac = Field(1.0)
+    erasing_prob: Frac = Field(0.0, description="Random erasing probability.")
+    erasing_scale_max: float = Field(0.33, gt=0.0, le=1.0, description="Largest erased area fraction.")
+    jitter_brightness: float = Field(0.0, ge=0.0, le=1.0)
+    jitter_contrast: float = Field(0.0, ge=0.0, le=1.0)
+    jitter_saturation: float = Field(0.0, ge=0.0, le=1.0)
+    grayscale_prob: Frac = Field(0.0)
+    rotation_degrees: float = Field(0.0, ge=0.0, le=45.0)
+
+    # -- evaluation
+    tta: Literal["none", "flip", "flip_translate"] = Field("flip", description="Test-time augmentation.")
+
+    # -- architecture (a competition must enable anything but the defaults)
+    stem: Literal["cifar", "imagenet", "deep"] = Field("cifar")
+    se_blocks: bool = Field(False, description="Squeeze-and-excitation in every residual block.")
+
+    # -- precision
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 if supported, else fp16 on CUDA; fp32 on CPU.")
+    channels_last: bool = Field(True)
+    compile: bool = Field(False, description="torch.compile the model (only where the competition enables it).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.rrc_scale_min > self.rrc_scale_max:
+            raise ValueError("rrc_scale_min must be <= rrc_scale_max")
+        if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
+            raise ValueError("milestones must be ascending positive epoch numbers")
+        return self
+
+
+HYPERPARAMETERS: tuple[str, ...] = tuple(TrainConfig.model_fields)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the competition fixes
+# ----------------------------------------------------------------------------------------------------
+
+
+class ModelSpec(_Strict):
+    arch: Literal["resnet18"] = "resnet18"
+    width: int = Field(64, ge=4, le=512, description="Channels of the first stage (64 is the standard ResNet18).")
+
+
+class DataSpec(_Strict):
+    name: Literal["cifar10", "imagefolder"] = "cifar10"
+    path: str | None = Field(None, description="Image-folder tree, tarball, or torchvision CIFAR-10 root.")
+    image_size: int = Field(32, ge=8, le=1024)
+    train_subset: int | None = Field(None, ge=10, description="Class-balanced training subset size.")
+    test_subset: int | None = Field(None, ge=10, description="Class-balanced test subset size.")
+
+
+class Budget(_Strict):
+    max_epochs: int = Field(10, ge=1, le=1000)
+    max_seconds: float | None = Field(None, gt=0, description="Device-seconds of training; evaluation is extra.")
+    compile_counts: bool = Field(True, description="Whether torch.compile warm-up counts against max_seconds.")
+
+
+class RunSpec(_Strict):
+    """Everything one run needs: the same object runs on a worker and in `hparena train`."""
+
+    config: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    budget: Budget = Field(default_factory=Budget)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    deterministic: bool = False
+    eval_every_epoch: bool = Field(True, description="Evaluate the public test half after every epoch.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Search space: how a competition narrows TrainConfig
+# ----------------------------------------------------------------------------------------------------
+
+
+class Range(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+
+class Choices(_Strict):
+    choices: list[Any] = Field(min_length=1)
+
+
+SearchSpace = dict[str, Range | Choices]
+
+# Architecture options and compile are off unless a competition enables them.
+DEFAULT_RESTRICTIONS: dict[str, Choices] = {
+    "stem": Choices(choices=["cifar"]),
+    "se_blocks": Choices(choices=[False]),
+    "compile": Choices(choices=[False]),
+}
+
+
+def effective_space(space: dict[str, Any] | None) -> dict[str, Range | Choices]:
+    """The competition's space over the defaults; unknown keys are an error."""
+    out: dict[str, Range | Choices] = dict(DEFAULT_RESTRICTIONS)
+    for name, rule in (space or {}).items():
+        if name not in TrainConfig.model_fields:
+            raise ValueError(f"search space names unknown hyperparameter {name!r}")
+        if isinstance(rule, Range | Choices):
+            out[name] = rule
+        elif isinstance(rule, dict) and "choices" in rule:
+            out[name] = Choices.model_validate(rule)
+        else:
+            out[name] = Range.model_validate(rule)
+    return out
+
+
+def check_in_space(cfg: TrainConfig, space: dict[str, Any] | None, max_epochs: int) -> list[dict[str, Any]]:
+    """Return pydantic-style error dicts for every field outside the competition's space."""
+    errors: list[dict[str, Any]] = []
+    values = cfg.model_dump()
+    rules = effective_space(space)
+    for name, rule in rules.items():
+        value = values[name]
+        if isinstance(rule, Choices):
+            if value not in rule.choices:
+                errors.append(_err(name, value, f"must be one of {rule.choices}", {"choices": rule.choices}))
+        elif value is not None and isinstance(value, int | float) and not isinstance(value, bool):
+            lo = -math.inf if rule.min is None else rule.min
+            hi = math.inf if rule.max is None else rule.max
+            if not lo <= value <= hi:
+                errors.append(_err(name, value, f"must be within [{rule.min}, {rule.max}]", rule.model_dump()))
+    if cfg.epochs > max_epochs:
+        errors.append(_err("epochs", cfg.epochs, f"must be within [1, {max_epochs}] (competition budget)",
+                           {"min": 1, "max": max_epochs}))
+    return errors
+
+
+def _err(field: str, value: Any, why: str, allowed: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "outside_search_space",
+        "loc": ["body", "config", field],
+        "msg": f"{field}={value!r} is outside the competition's search space: {why}",
+        "input": value,
+        "ctx": {"allowed": allowed},
+    }
