@@ -108,7 +108,8 @@ def rotate(x: Tensor, degrees: float, gen: torch.Generator) -> Tensor:
     zero = torch.zeros_like(a)
     # affine_grid's coordinates are scaled per axis; the H/W factors make it a true rotation in pixels
     # for non-square images (S^-1 R S with S = diag(W, H)).
-    theta = torch.stack([torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)], 1)
+    rows = [torch.stack([cos, -sin * h / w, zero], 1), torch.stack([sin * w / h, cos, zero], 1)]
+    theta = torch.stack(rows, 1)
     return _warp(x, theta, "zeros")
 
 
@@ -233,7 +234,9 @@ def augment_batch(x: Tensor, cfg: TrainConfig, gen: torch.Generator, *, mean: Se
     return x
 
 
-def mix_batch(x: Tensor, y: Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, float]:
+def mix_batch(
+    x: Tensor, y: Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, float]:
     """Mixup or CutMix on a whole batch; returns (x_mixed, y_a, y_b, lam) for the loss
     `lam * CE(out, y_a) + (1 - lam) * CE(out, y_b)`.
 
@@ -249,7 +252,10 @@ def mix_batch(x: Tensor, y: Tensor, cfg: TrainConfig, gen: torch.Generator) -> t
     # One host sync for every scalar draw: pick, apply?, box center (y, x).
     pick, apply, ry, rx = torch.rand(4, generator=gen, device=x.device).tolist()
     mode = modes[0] if len(modes) == 1 else modes[int(pick < 0.5)]
-    alpha, prob = (cfg.mixup_alpha, cfg.mixup_prob) if mode == "mixup" else (cfg.cutmix_alpha, cfg.cutmix_prob)
+    if mode == "mixup":
+        alpha, prob = cfg.mixup_alpha, cfg.mixup_prob
+    else:
+        alpha, prob = cfg.cutmix_alpha, cfg.cutmix_prob
     if apply >= prob:
         return x, y, y, 1.0
     # float64: with a small alpha, float32 gammas can both underflow to 0.

@@ -1,0 +1,40 @@
+"""Typed dependencies: a route's signature says who may call it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth.models import Role, User
+from app.auth.service import user_for_token
+from app.db import get_session
+
+SessionDep = Annotated[Session, Depends(get_session)]
+_bearer = HTTPBearer(auto_error=False)
+
+
+def current_user(session: SessionDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+    if creds is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    user = user_for_token(session, creds.credentials)
+    if user is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+def _require(*roles: Role):
+    def check(user: Annotated[User, Depends(current_user)]) -> User:
+        if user.role not in roles:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"requires role: {' or '.join(roles)}")
+        return user
+
+    return check
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+CurrentOrganizer = Annotated[User, Depends(_require(Role.organizer, Role.admin))]
+CurrentAdmin = Annotated[User, Depends(_require(Role.admin))]

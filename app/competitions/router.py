@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+
+from app.auth.dependencies import CurrentOrganizer, SessionDep
+from app.auth.service import user_for_token
+from app.competitions import service
+from app.competitions.models import Competition
+from app.competitions.schemas import CompetitionCreate, CompetitionOut, JoinOut, JoinRequest
+
+router = APIRouter(prefix="/api/competitions", tags=["competitions"])
+
+
+@router.post("", response_model=CompetitionOut, status_code=status.HTTP_201_CREATED)
+def create_competition(data: CompetitionCreate, session: SessionDep, organizer: CurrentOrganizer):
+    return service.create_competition(session, data, organizer)
+
+
+@router.get("", response_model=list[CompetitionOut])
+def list_competitions(session: SessionDep):
+    return session.scalars(select(Competition).order_by(Competition.created_at.desc())).all()
+
+
+@router.get("/{slug}", response_model=CompetitionOut)
+def get_competition(slug: str, session: SessionDep):
+    return service.get_competition(session, slug)
+
+
+@router.post("/{slug}/join", response_model=JoinOut, status_code=status.HTTP_201_CREATED)
+def join_competition(
+    slug: str,
+    data: JoinRequest,
+    session: SessionDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))],
+):
+    """Join a team (created if new). Without a token a new participant is created and its token returned."""
+    comp = service.get_competition(session, slug)
+    caller = user_for_token(session, creds.credentials) if creds else None
+    user, team, token = service.join(session, comp, data.name, data.team, caller)
+    return JoinOut(user_id=user.id, team_id=team.id, team=team.name, token=token)

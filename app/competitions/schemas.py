@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from worker.engine.config import Budget, Choices, DataSpec, ModelSpec, Range, effective_space
+
+SLUG = r"^[a-z0-9][a-z0-9-]{1,62}$"
+
+
+class CompetitionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    slug: str = Field(pattern=SLUG)
+    title: str = Field(min_length=1, max_length=200)
+    dataset: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    budget: Budget = Field(default_factory=Budget)
+    hardware_class: str = Field("cpu", pattern=r"^[a-z0-9][a-z0-9_-]{0,48}$")
+    search_space: dict[str, Range | Choices] = Field(
+        default_factory=dict,
+        description="Per-hyperparameter bounds {min,max} or {choices:[...]}; narrows the engine's own bounds.",
+    )
+    submission_quota: int | None = Field(None, ge=1, le=100000)
+    quota_window_hours: float | None = Field(None, gt=0, le=24 * 365)
+    starts_at: datetime | None = None
+    deadline: datetime | None = None
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=16)
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        effective_space(v)  # raises on unknown hyperparameters
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError("seeds must be distinct non-negative integers")
+        return v
+
+
+class CompetitionOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    slug: str
+    title: str
+    dataset: dict[str, Any]
+    model: dict[str, Any]
+    budget: dict[str, Any]
+    hardware_class: str
+    search_space: dict[str, Any]
+    submission_quota: int | None
+    quota_window_hours: float | None
+    starts_at: datetime | None
+    deadline: datetime | None
+    seeds: list[int]
+    created_at: datetime
+
+
+class JoinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, description="Your display name.")
+    team: str = Field(min_length=1, max_length=100, description="Team to create or join.")
+
+
+class JoinOut(BaseModel):
+    user_id: int
+    team_id: int
+    team: str
+    token: str | None = Field(None, description="Bearer token for a new participant; shown only once.")

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from fastapi import HTTPException, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth.models import Role, User
+from app.auth.service import create_user
+from app.competitions.models import Competition, Membership, Team
+from app.competitions.schemas import CompetitionCreate
+
+
+def get_competition(session: Session, slug: str) -> Competition:
+    comp = session.scalar(select(Competition).where(Competition.slug == slug))
+    if comp is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no competition {slug!r}")
+    return comp
+
+
+def create_competition(session: Session, data: CompetitionCreate, creator: User | None) -> Competition:
+    if session.scalar(select(Competition.id).where(Competition.slug == data.slug)) is not None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"competition {data.slug!r} already exists")
+    if data.starts_at and data.deadline and data.deadline <= data.starts_at:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "deadline must be after starts_at")
+    comp = Competition(
+        slug=data.slug,
+        title=data.title,
+        dataset=data.dataset.model_dump(),
+        model=data.model.model_dump(),
+        budget=data.budget.model_dump(),
+        hardware_class=data.hardware_class,
+        search_space={k: v.model_dump(exclude_none=True) for k, v in data.search_space.items()},
+        submission_quota=data.submission_quota,
+        quota_window_hours=data.quota_window_hours,
+        starts_at=data.starts_at,
+        deadline=data.deadline,
+        seeds=data.seeds,
+        created_by_id=creator.id if creator else None,
+    )
+    session.add(comp)
+    session.flush()
+    return comp
+
+
+def join(session: Session, comp: Competition, name: str, team_name: str, user: User | None
+         ) -> tuple[User, Team, str | None]:
+    """Put a participant (new, or the caller) into a team, creating the team if needed."""
+    token = None
+    if user is None:
+        user, token = create_user(session, name, Role.participant)
+    elif session.scalar(select(Membership.id).where(Membership.user_id == user.id,
+                                                      Membership.competition_id == comp.id)):
+        raise HTTPException(status.HTTP_409_CONFLICT, "you already joined this competition")
+    team = session.scalar(select(Team).where(Team.competition_id == comp.id, Team.name == team_name))
+    if team is None:
+        team = Team(competition_id=comp.id, name=team_name)
+        session.add(team)
+        session.flush()
+    session.add(Membership(user_id=user.id, team_id=team.id, competition_id=comp.id))
+    session.flush()
+    return user, team, token
+
+
+def membership(session: Session, comp: Competition, user: User) -> Membership:
+    m = session.scalar(select(Membership).where(Membership.user_id == user.id,
+                                                Membership.competition_id == comp.id))
+    if m is None:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"join competition {comp.slug!r} before submitting")
+    return m

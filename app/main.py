@@ -1,0 +1,40 @@
+"""The FastAPI app. `uvicorn app.main:app` (schema is created/upgraded by `hparena migrate`)."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.admin.router import router as admin_router
+from app.auth.service import ensure_admin
+from app.competitions.router import router as competitions_router
+from app.config import get_settings
+from app.db import session_scope
+from app.leaderboard.router import router as leaderboard_router
+from app.submissions.router import router as submissions_router
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI):
+    settings = get_settings()  # validated at start-up: production refuses default secrets
+    with session_scope() as s:
+        ensure_admin(s, settings.admin_token)
+    yield
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="hparena", version="0.1.0", lifespan=lifespan,
+                  description="Hyperparameter-tuning competitions: submit a config, a GPU worker trains it, "
+                              "the leaderboard ranks it.")
+    for r in (competitions_router, submissions_router, leaderboard_router, admin_router):
+        app.include_router(r)
+
+    @app.get("/api/health", tags=["meta"])
+    def health() -> dict:
+        return {"status": "ok"}
+
+    return app
+
+
+app = create_app()

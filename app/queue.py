@@ -1,0 +1,84 @@
+"""The Celery app's configuration, shared by the API (which only sends) and the worker (which consumes).
+
+The API never imports the worker's code: it sends tasks by name. Settings follow Celery's advice for
+long GPU jobs (see the comments); `worker.celery_app` adds the task modules to this same app.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+from kombu import Queue
+
+from app.config import Settings, get_settings
+
+TRAIN_TASK = "hparena.train_run"
+
+
+def celery_config(settings: Settings) -> dict:
+    transport_options: dict = {
+        # Redis redelivers an unacked message after this many seconds; a run longer than this would be
+        # handed to a second worker while the first still trains, so it must exceed the longest budget.
+        "visibility_timeout": settings.visibility_timeout_seconds,
+    }
+    if settings.broker_url.startswith("filesystem"):
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options.update(
+            data_folder_in=str(folder / "queue"),
+            data_folder_out=str(folder / "queue"),
+            processed_folder=str(folder / "processed"),
+            store_processed=False,
+        )
+        (folder / "control").mkdir(parents=True, exist_ok=True)
+        transport_options["control_folder"] = str(folder / "control")
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        # Results live in the SQL database, written by the task itself; no result backend.
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # Late ack + reject_on_worker_lost: a killed worker's message is redelivered, not lost. The task's
+        # guarded claim makes the redelivery harmless when the run already finished.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One message at a time per process: a GPU job must not sit prefetched behind another GPU job.
+        "worker_prefetch_multiplier": 1,
+        # One process per GPU.
+        "worker_concurrency": 1,
+        "worker_pool": "prefork",
+        "task_default_queue": settings.queue_for(settings.hardware_class),
+        "task_queues": [Queue(settings.queue_for(settings.hardware_class))],
+        "task_create_missing_queues": True,
+        "worker_send_task_events": False,
+        "worker_hijack_root_logger": False,
+    }
+
+
+@lru_cache(maxsize=4)
+def _celery_for(broker_url: str) -> Celery:
+    app = Celery("hparena")
+    app.conf.update(celery_config(get_settings()))
+    return app
+
+
+def get_celery() -> Celery:
+    return _celery_for(get_settings().broker_url)
+
+
+def send_train(run_id: int, queue: str) -> None:
+    get_celery().send_task(TRAIN_TASK, args=[run_id], queue=queue)
+
+
+def queue_depth(queue: str) -> int | None:
+    """Messages waiting in the broker for this queue (None if the broker can't say)."""
+    try:
+        with get_celery().connection_for_write() as conn:
+            channel = conn.default_channel
+            return channel.queue_declare(queue=queue, passive=True).message_count
+    except Exception:  # a queue nobody declared yet, or a broker that is down
+        return None

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+from sqlalchemy import select
+
+from app.auth.dependencies import CurrentUser, SessionDep
+from app.competitions.service import get_competition, membership
+from app.submissions import service
+from app.submissions.models import EpochMetric, Submission
+from app.submissions.schemas import EpochOut, RunDetail, SubmissionCreate, SubmissionDetail, SubmissionOut
+
+router = APIRouter(prefix="/api", tags=["submissions"])
+
+
+@router.post("/competitions/{slug}/submissions", response_model=SubmissionOut,
+             status_code=status.HTTP_201_CREATED,
+             responses={422: {"description": "Config outside the engine's or the competition's bounds"},
+                        429: {"description": "Submission quota used; Retry-After says when it frees"}})
+def submit(slug: str, data: SubmissionCreate, session: SessionDep, user: CurrentUser):
+    comp = get_competition(session, slug)
+    member = membership(session, comp, user)
+    return service.create_submission(session, comp, member, user, data.config)
+
+
+@router.get("/submissions", response_model=list[SubmissionOut])
+def my_submissions(session: SessionDep, user: CurrentUser, competition: str | None = None):
+    comp_id = get_competition(session, competition).id if competition else None
+    return service.list_own(session, user, comp_id)
+
+
+@router.get("/submissions/{submission_id}", response_model=SubmissionDetail)
+def get_submission(submission_id: int, session: SessionDep, user: CurrentUser):
+    sub = service.get_own_submission(session, user, submission_id)
+    return _detail(session, sub)
+
+
+@router.post("/submissions/{submission_id}/cancel", response_model=SubmissionDetail)
+def cancel_submission(submission_id: int, session: SessionDep, user: CurrentUser):
+    sub = service.get_own_submission(session, user, submission_id)
+    return _detail(session, service.cancel(session, sub))
+
+
+def _detail(session, sub: Submission) -> SubmissionDetail:
+    epochs = session.scalars(select(EpochMetric).where(EpochMetric.run_id.in_([r.id for r in sub.runs]))
+                             .order_by(EpochMetric.run_id, EpochMetric.epoch)).all()
+    runs = []
+    for r in sub.runs:
+        detail = RunDetail.model_validate(r)
+        detail.epochs = [EpochOut.model_validate(e) for e in epochs if e.run_id == r.id]
+        detail.result = r.result
+        runs.append(detail)
+    return SubmissionDetail(**SubmissionOut.model_validate(sub).model_dump(), runs=runs)

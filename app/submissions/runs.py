@@ -1,0 +1,126 @@
+"""A run's life as the worker drives it: claim, heartbeat, per-epoch metrics, finish.
+
+Every write after the claim is fenced by the attempt number the claim returned: a worker that was
+presumed dead (stale heartbeat) and replaced can no longer change the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.competitions.models import Competition
+from app.db import utcnow
+from app.submissions.models import TERMINAL, EpochMetric, Run, RunLogits, RunStatus, Submission
+from app.submissions.service import lock_submission, refresh_submission
+
+
+@dataclass(frozen=True)
+class Claim:
+    run_id: int
+    attempt: int
+    seed: int
+    config: dict[str, Any]
+    competition: dict[str, Any]  # dataset, model, budget, hardware_class, slug
+
+
+def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, max_attempts: int
+          ) -> Claim | str:
+    """Take the run for this worker, or return why not. A redelivered message finds it taken or done."""
+    now = utcnow()
+    stale = now - timedelta(seconds=stale_after)
+    run = session.get(Run, run_id)
+    if run is None:
+        return "no such run"
+    lock_submission(session, run.submission_id)
+    # Guarded UPDATE: only a queued run, or a running one whose worker stopped heartbeating, is claimable.
+    taken = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.attempts < max_attempts,
+               or_(Run.status == RunStatus.queued,
+                   (Run.status == RunStatus.running) & (Run.heartbeat_at < stale)))
+        .values(status=RunStatus.running, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
+                worker_hostname=hostname, error=None, progress=0.0)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.refresh(run)
+    if not taken:
+        if run.status == RunStatus.running and run.attempts >= max_attempts and run.heartbeat_at \
+                and _aware(run.heartbeat_at) < stale:
+            _set_final(session, run, RunStatus.failed,
+                       error=f"worker lost {run.attempts} times (last on {run.worker_hostname}); giving up")
+            return "gave up after too many lost workers"
+        return f"run is {run.status}" + (f" on {run.worker_hostname}" if run.status == RunStatus.running else "")
+    refresh_submission(session, run.submission_id)
+    sub = session.get(Submission, run.submission_id)
+    comp = session.get(Competition, sub.competition_id)
+    return Claim(run_id=run.id, attempt=run.attempts, seed=run.seed, config=dict(sub.config),
+                 competition={"slug": comp.slug, "dataset": comp.dataset, "model": comp.model,
+                              "budget": comp.budget, "hardware_class": comp.hardware_class})
+
+
+def _aware(t):
+    from datetime import UTC
+
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _fenced(claim_: Claim):
+    return (Run.id == claim_.run_id) & (Run.attempts == claim_.attempt) & (Run.status == RunStatus.running)
+
+
+def heartbeat(session: Session, c: Claim, progress: float, device_name: str | None = None) -> str:
+    """Refresh the heartbeat; returns the run's current status ('cancelled' tells the worker to stop)."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow(), "progress": progress}
+    if device_name:
+        values["device_name"] = device_name
+    session.execute(update(Run).where(_fenced(c)).values(**values).execution_options(synchronize_session=False))
+    status, attempts = session.execute(select(Run.status, Run.attempts).where(Run.id == c.run_id)).one()
+    return status if attempts == c.attempt else "superseded"
+
+
+def record_epoch(session: Session, c: Claim, row: dict[str, Any], progress: float) -> None:
+    """One row per epoch, written as it happens; a retried attempt overwrites its predecessor's rows."""
+    if session.scalar(select(Run.attempts).where(_fenced(c))) is None:
+        return
+    session.execute(delete(EpochMetric).where(EpochMetric.run_id == c.run_id, EpochMetric.epoch == row["epoch"]))
+    session.execute(insert(EpochMetric).values(
+        run_id=c.run_id, epoch=row["epoch"], train_loss=_finite(row.get("train_loss")),
+        test_accuracy=row.get("test_accuracy"), lr=row.get("lr"), images_per_sec=row.get("images_per_sec"),
+        seconds=row.get("seconds"), recorded_at=utcnow()))
+    session.execute(update(Run).where(_fenced(c)).values(heartbeat_at=utcnow(), progress=progress)
+                    .execution_options(synchronize_session=False))
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and v == v and abs(v) != float("inf") else None
+
+
+def finish(session: Session, c: Claim, status: RunStatus, **fields: Any) -> bool:
+    """Write the final state; False if this worker no longer owns the run (cancelled or superseded)."""
+    run = session.get(Run, c.run_id)
+    lock_submission(session, run.submission_id)
+    session.refresh(run)
+    if run.attempts != c.attempt or run.status != RunStatus.running:
+        return False
+    _set_final(session, run, status, **fields)
+    return True
+
+
+def _set_final(session: Session, run: Run, status: RunStatus, **fields: Any) -> None:
+    assert status in TERMINAL
+    logits = fields.pop("logits", None)
+    for k, v in fields.items():
+        setattr(run, k, v)
+    run.status = status
+    run.finished_at = utcnow()
+    if status == RunStatus.succeeded:
+        run.progress = 1.0
+    if logits is not None:
+        session.merge(RunLogits(run_id=run.id, rows=logits.shape[0], cols=logits.shape[1], dtype="float16",
+                                data=logits.numpy().tobytes()))
+    refresh_submission(session, run.submission_id)

@@ -1,0 +1,58 @@
+from tests.factories import competition_payload, join, make_competition, make_organizer
+
+
+def test_organizer_creates_competition_and_anyone_reads_it(client, admin_headers):
+    org = make_organizer(client, admin_headers)
+    comp = make_competition(client, org, seeds=[0, 1, 2])
+    assert comp["seeds"] == [0, 1, 2]
+    assert comp["model"]["width"] == 8
+    r = client.get(f"/api/competitions/{comp['slug']}")
+    assert r.status_code == 200 and r.json()["title"] == comp["title"]
+    assert comp["slug"] in [c["slug"] for c in client.get("/api/competitions").json()]
+
+
+def test_only_organizers_create_competitions(client, admin_headers):
+    assert client.post("/api/competitions", json=competition_payload()).status_code == 401
+    org = make_organizer(client, admin_headers)
+    comp = make_competition(client, org)
+    student = join(client, comp["slug"])
+    r = client.post("/api/competitions", json=competition_payload(), headers=student)
+    assert r.status_code == 403
+    bad = {"Authorization": "Bearer not-a-token"}
+    assert client.post("/api/competitions", json=competition_payload(), headers=bad).status_code == 401
+
+
+def test_duplicate_slug_conflicts(client, admin_headers):
+    org = make_organizer(client, admin_headers)
+    comp = make_competition(client, org)
+    r = client.post("/api/competitions", json=competition_payload(slug=comp["slug"]), headers=org)
+    assert r.status_code == 409
+
+
+def test_bad_competition_definitions_name_the_field(client, admin_headers):
+    org = make_organizer(client, admin_headers)
+    r = client.post("/api/competitions", json=competition_payload(search_space={"learning_rate": {"max": 1}}),
+                    headers=org)
+    assert r.status_code == 422 and "learning_rate" in r.text
+    r = client.post("/api/competitions", json=competition_payload(seeds=[1, 1]), headers=org)
+    assert r.status_code == 422 and "seeds" in r.text
+    r = client.post("/api/competitions", json=competition_payload(model={"width": 2}), headers=org)
+    assert r.status_code == 422 and "width" in r.text
+    r = client.post("/api/competitions", json={**competition_payload(), "colour": "red"}, headers=org)
+    assert r.status_code == 422 and "colour" in r.text
+
+
+def test_join_gives_token_and_teammates_share_a_team(client, admin_headers):
+    org = make_organizer(client, admin_headers)
+    comp = make_competition(client, org)
+    r1 = client.post(f"/api/competitions/{comp['slug']}/join", json={"name": "ann", "team": "owls"})
+    r2 = client.post(f"/api/competitions/{comp['slug']}/join", json={"name": "bob", "team": "owls"})
+    assert r1.status_code == r2.status_code == 201
+    assert r1.json()["team_id"] == r2.json()["team_id"]
+    assert r1.json()["token"] != r2.json()["token"]
+    # An existing participant joins with their token; joining twice conflicts.
+    headers = {"Authorization": f"Bearer {r1.json()['token']}"}
+    again = client.post(f"/api/competitions/{comp['slug']}/join", json={"name": "ann", "team": "owls"},
+                        headers=headers)
+    assert again.status_code == 409
+    assert client.post("/api/competitions/nope/join", json={"name": "x", "team": "y"}).status_code == 404

@@ -1,0 +1,127 @@
+"""Test data builders. API-level helpers go through HTTP; model factories build rows for ranking tests."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+import factory
+from factory.alchemy import SQLAlchemyModelFactory
+
+from app.auth.models import Role, User
+from app.auth.service import hash_token
+from app.competitions.models import Competition, Membership, Team
+from app.db import utcnow
+from app.submissions.models import Run, RunStatus, Submission
+
+_n = itertools.count(1)
+
+
+def competition_payload(**overrides) -> dict:
+    """A tiny, fast competition on the small real-CIFAR tarball (set dataset.path)."""
+    n = next(_n)
+    payload = {
+        "slug": f"comp-{n}",
+        "title": f"Competition {n}",
+        "dataset": {"name": "cifar10", "image_size": 32},
+        "model": {"arch": "resnet18", "width": 8},
+        "budget": {"max_epochs": 3},
+        "hardware_class": "cpu",
+        "search_space": {"lr": {"min": 0.001, "max": 1.0}, "batch_size": {"choices": [32, 64, 100]}},
+        "seeds": [0],
+    }
+    payload.update(overrides)
+    return payload
+
+
+def make_organizer(client, admin_headers, name="prof") -> dict[str, str]:
+    r = client.post("/api/admin/users", json={"name": name, "role": "organizer"}, headers=admin_headers)
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def make_competition(client, organizer_headers, **overrides) -> dict:
+    r = client.post("/api/competitions", json=competition_payload(**overrides), headers=organizer_headers)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def join(client, slug, name="alice", team=None) -> dict[str, str]:
+    r = client.post(f"/api/competitions/{slug}/join", json={"name": name, "team": team or f"team-{name}"})
+    assert r.status_code == 201, r.text
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+# ---- model factories (set `_meta.sqlalchemy_session` via `bind(session)`) -------------------------------
+
+
+class _Base(SQLAlchemyModelFactory):
+    class Meta:
+        abstract = True
+        sqlalchemy_session_persistence = "commit"
+
+
+class UserFactory(_Base):
+    class Meta:
+        model = User
+
+    name = factory.Sequence(lambda n: f"user{n}")
+    role = Role.participant
+    token_hash = factory.Sequence(lambda n: hash_token(f"token-{n}"))
+
+
+class CompetitionFactory(_Base):
+    class Meta:
+        model = Competition
+
+    slug = factory.Sequence(lambda n: f"fcomp-{n}")
+    title = "Factory competition"
+    dataset = factory.LazyFunction(lambda: {"name": "cifar10"})
+    model = factory.LazyFunction(lambda: {"arch": "resnet18", "width": 8})
+    budget = factory.LazyFunction(lambda: {"max_epochs": 3})
+    hardware_class = "cpu"
+    search_space = factory.LazyFunction(dict)
+    seeds = factory.LazyFunction(lambda: [0])
+
+
+class TeamFactory(_Base):
+    class Meta:
+        model = Team
+
+    competition = factory.SubFactory(CompetitionFactory)
+    competition_id = factory.SelfAttribute("competition.id")
+    name = factory.Sequence(lambda n: f"team{n}")
+
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):
+        kwargs.pop("competition", None)
+        return super()._create(model_class, *args, **kwargs)
+
+
+class MembershipFactory(_Base):
+    class Meta:
+        model = Membership
+
+
+class SubmissionFactory(_Base):
+    """A finished submission with its runs, for ranking tests: pass accuracy/gpu_seconds/status."""
+
+    class Meta:
+        model = Submission
+
+    config = factory.LazyFunction(dict)
+    status = RunStatus.succeeded
+    created_at = factory.Sequence(lambda n: utcnow() - timedelta(hours=1) + timedelta(seconds=n))
+
+    @factory.post_generation
+    def with_run(obj, create, extracted, **kwargs):
+        run = Run(submission_id=obj.id, seed=0, queue="train.cpu", status=obj.status, attempts=1,
+                  accuracy=obj.accuracy, gpu_seconds=obj.gpu_seconds)
+        session = SubmissionFactory._meta.sqlalchemy_session
+        session.add(run)
+        session.commit()
+
+
+def bind(session) -> None:
+    for f in (UserFactory, CompetitionFactory, TeamFactory, MembershipFactory, SubmissionFactory):
+        f._meta.sqlalchemy_session = session

@@ -1,0 +1,379 @@
+"""The training loop: RunSpec + Dataset + device -> TrainResult, with progress through one callback.
+
+Read top to bottom: setup (device, precision, data on the device, model, optimizer), the step (with
+out-of-memory micro-batching), the epoch loop (budget, divergence, EMA/SWA, per-epoch evaluation) and the
+final evaluation (TTA, public/private halves, calibration, logits). No database, no Celery.
+
+`on_event(event: dict)` receives {"kind": "setup" | "progress" | "epoch", ...}. It may raise
+`StopRequested` to cancel; the engine then returns a result with status "cancelled".
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from worker.engine.augment import augment_batch, mix_batch
+from worker.engine.config import RunSpec
+from worker.engine.data import Dataset
+from worker.engine.evaluate import evaluate_halves, predict_logits, split_public_private
+from worker.engine.model import build_model
+from worker.engine.optim import build_optimizer, set_lr
+from worker.engine.schedule import lr_factor
+
+Event = dict[str, Any]
+EVAL_BATCH = 1024
+
+
+class StopRequested(Exception):  # noqa: N818 - it is a request, not an error
+    """Raised by an on_event callback to stop training (a cancelled submission)."""
+
+
+class EngineError(RuntimeError):
+    """A run that cannot proceed, with a message meant for the participant."""
+
+
+@dataclass
+class TrainResult:
+    summary: dict[str, Any]  # JSON-serialisable: what the worker stores and `hparena train` writes
+    logits: torch.Tensor | None  # fp16 test-set logits, rows in test-set order
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None, bool]:
+    """-> (name, autocast dtype or None, use GradScaler)."""
+    if device.type != "cuda":
+        if precision == "fp16":
+            raise EngineError("precision fp16 needs a CUDA device; use auto, bf16 or fp32 on CPU")
+        if precision == "bf16":
+            return "bf16", torch.bfloat16, False
+        return "fp32", None, False
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "bf16":
+        return "bf16", torch.bfloat16, False
+    if precision == "fp16":
+        return "fp16", torch.float16, True  # fp16 gradients underflow without loss scaling
+    return "fp32", None, False
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": props.name, "memory_bytes": props.total_memory,
+                "capability": f"{props.major}.{props.minor}"}
+    return {"type": "cpu", "name": cpu_name(), "memory_bytes": None, "threads": torch.get_num_threads()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return "CPU: " + line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU: " + (platform.processor() or platform.machine())
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+
+
+def channel_stats(x: torch.Tensor, sample: int = 5000) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std on the [0, 1] scale from a fixed sample of the training set."""
+    xs = x[:sample].float().div_(255)
+    return xs.mean(dim=(0, 2, 3)).tolist(), xs.std(dim=(0, 2, 3)).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+
+def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
+          on_event: Callable[[Event], None] | None = None) -> TrainResult:
+    emit = on_event or (lambda _e: None)
+    cfg, budget = spec.config, spec.budget
+    t_start = time.perf_counter()
+
+    # ---- setup ------------------------------------------------------------------------------------
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    seed_everything(spec.seed, spec.deterministic)
+    precision, amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    # The whole dataset lives on the device as uint8; batches are drawn by index, never through a loader.
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+    test_x, test_y = data.test_x, data.test_y
+    mean, std = channel_stats(data.train_x)
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    public_idx, private_idx = split_public_private(len(test_y))
+
+    model = build_model(spec.model, cfg, data.num_classes).to(device, memory_format=memory_format)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay else None)
+    swa = AveragedModel(model, use_buffers=True) if cfg.swa_epochs > 0 else None
+    step_model = torch.compile(model) if cfg.compile else model
+    gen = torch.Generator(device=device).manual_seed(spec.seed)  # data order and augmentation
+
+    n_train = len(train_y)
+    epochs = min(cfg.epochs, budget.max_epochs)
+    effective_batch = cfg.batch_size * cfg.grad_accum_steps
+    if effective_batch > n_train:
+        raise EngineError(f"batch_size*grad_accum_steps={effective_batch} exceeds the {n_train} training images")
+    steps_per_epoch = n_train // effective_batch  # drop the ragged last batch: every step has the same shape
+    total_steps = epochs * steps_per_epoch
+    micro = cfg.batch_size
+    # CUDA runs asynchronously: only look at loss and clock every few steps so the GPU never waits on us.
+    check_every = 1 if device.type == "cpu" else 10
+    setup_seconds = time.perf_counter() - t_start
+    emit({"kind": "setup", "device": str(device), "precision": precision, "total_steps": total_steps,
+          "epochs": epochs, "steps_per_epoch": steps_per_epoch, "setup_seconds": setup_seconds})
+
+    def loss_fn(out: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float) -> torch.Tensor:
+        loss = F.cross_entropy(out, ya, label_smoothing=cfg.label_smoothing)
+        if lam < 1.0:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
+        return loss
+
+    # ---- one optimizer step -------------------------------------------------------------------------
+    def train_step(idx: torch.Tensor) -> torch.Tensor:
+        """Forward/backward over `idx` in micro-batches of `micro`; on OOM halve `micro` and redo."""
+        nonlocal micro
+        x = train_x[idx].float().div_(255).sub_(mean_t).div_(std_t)
+        x = augment_batch(x, cfg, gen, mean=mean, std=std)
+        x, ya, yb, lam = mix_batch(x, train_y[idx], cfg, gen)
+        x = x.contiguous(memory_format=memory_format)
+        n = len(idx)
+        while True:
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                total = torch.zeros((), device=device)
+                for lo in range(0, n, micro):
+                    hi = min(lo + micro, n)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = loss_fn(step_model(x[lo:hi]), ya[lo:hi], yb[lo:hi], lam)
+                    # Weight by the micro-batch's share so the gradient equals the full batch's mean.
+                    scaler.scale(loss * ((hi - lo) / n)).backward()
+                    total += loss.detach() * ((hi - lo) / n)
+                break
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if micro == 1:
+                    raise EngineError("out of memory even with micro-batch size 1: the model does not fit "
+                                      f"on {device_info(device)['name']}") from None
+                micro = max(1, micro // 2)
+                emit({"kind": "oom", "micro_batch_size": micro})
+        if cfg.grad_clip_norm:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        return total
+
+    # ---- epoch loop ---------------------------------------------------------------------------------
+    step = 0
+    stop_reason = "completed"
+    diverged_step = diverged_epoch = None
+    train_seconds = epoch_eval_seconds = compile_seconds = 0.0
+    images_seen = 0
+    epochs_done = 0
+    last_loss = float("nan")
+    history: list[dict[str, Any]] = []
+    progress_every = max(1, steps_per_epoch // 10)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    try:
+        for epoch in range(epochs):
+            model.train()
+            t_epoch = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            perm = torch.randperm(n_train, generator=gen, device=device)
+            for s in range(steps_per_epoch):
+                t_step = time.perf_counter()
+                set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, steps_per_epoch, cfg))
+                loss = train_step(perm[s * effective_batch:(s + 1) * effective_batch])
+                loss_sum += loss
+                if ema is not None and step % cfg.ema_every == 0:
+                    ema.update_parameters(model)
+                step += 1
+                images_seen += effective_batch
+                if step == 1 and cfg.compile:
+                    sync()
+                    compile_seconds = time.perf_counter() - t_step
+                if step % check_every == 0 or s == steps_per_epoch - 1:
+                    sync()
+                    if not torch.isfinite(loss):
+                        stop_reason, diverged_step, diverged_epoch = "diverged", step, epoch + 1
+                        break
+                    elapsed = train_seconds + time.perf_counter() - t_epoch
+                    if cfg.compile and not budget.compile_counts:
+                        elapsed -= compile_seconds
+                    if budget.max_seconds is not None and elapsed >= budget.max_seconds:
+                        stop_reason = "time_budget"
+                        break
+                if step % progress_every == 0:
+                    emit({"kind": "progress", "epoch": epoch + 1, "step": step, "total_steps": total_steps,
+                          "loss": float(loss), "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_sec": images_seen / max(train_seconds + time.perf_counter() - t_epoch,
+                                                              1e-9)})
+            sync()
+            train_seconds += time.perf_counter() - t_epoch
+            steps_this_epoch = step - epoch * steps_per_epoch
+            last_loss = float(loss_sum) / max(steps_this_epoch, 1)
+            if stop_reason == "diverged":
+                break
+            epochs_done = epoch + 1
+            if swa is not None and epoch >= epochs - cfg.swa_epochs:
+                swa.update_parameters(model)
+            row = {"kind": "epoch", "epoch": epoch + 1, "epochs": epochs, "train_loss": last_loss,
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": train_seconds,
+                   "images_per_sec": steps_this_epoch * effective_batch / max(time.perf_counter() - t_epoch, 1e-9),
+                   "test_accuracy": None}
+            if spec.eval_every_epoch:
+                t_eval = time.perf_counter()
+                logits = predict_logits(_eval_model(model, ema, swa, swa_ready=False), test_x[public_idx],
+                                        EVAL_BATCH, device=device, mean=mean, std=std, tta="none",
+                                        autocast_dtype=amp_dtype, channels_last=cfg.channels_last)
+                row["test_accuracy"] = (logits.argmax(1) == test_y[public_idx]).float().mean().item()
+                epoch_eval_seconds += time.perf_counter() - t_eval
+            history.append({k: v for k, v in row.items() if k != "kind"})
+            emit(row)
+            if stop_reason != "completed":
+                break
+    except StopRequested:
+        stop_reason = "cancelled"
+
+    # ---- final evaluation ---------------------------------------------------------------------------
+    t_eval = time.perf_counter()
+    summary: dict[str, Any] = {
+        "status": {"diverged": "diverged", "cancelled": "cancelled"}.get(stop_reason, "succeeded"),
+        "stop_reason": stop_reason,
+        "epochs_planned": epochs,
+        "epochs_completed": epochs_done,
+        "steps_completed": step,
+        "steps_planned": total_steps,
+        "diverged_step": diverged_step,
+        "diverged_epoch": diverged_epoch,
+        "train_loss_final": last_loss if last_loss == last_loss else None,
+        "micro_batch_size": micro,
+        "effective_batch_size": effective_batch,
+        "precision": precision,
+        "channels_last": cfg.channels_last,
+        "compile": {"enabled": cfg.compile, "seconds": compile_seconds, "counted": budget.compile_counts},
+        "history": history,
+    }
+    logits16 = None
+    if summary["status"] == "succeeded":
+        eval_model = _eval_model(model, ema, swa, swa_ready=swa is not None and epochs_done > 0)
+        logits = predict_logits(eval_model, test_x, EVAL_BATCH, device=device, mean=mean, std=std,
+                                tta=cfg.tta, autocast_dtype=amp_dtype, channels_last=cfg.channels_last)
+        metrics = evaluate_halves(logits, test_y, data.num_classes, public_idx, private_idx)
+        summary.update(accuracy=metrics["public"]["accuracy"], private_accuracy=metrics["private"]["accuracy"],
+                       metrics=metrics, evaluated_weights=_weights_name(ema, swa, epochs_done))
+        logits16 = logits.half()
+    sync()
+    eval_seconds = time.perf_counter() - t_eval + epoch_eval_seconds
+    summary.update(
+        images_per_sec=images_seen / train_seconds if train_seconds else None,
+        timings={"setup_seconds": setup_seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                 "epoch_eval_seconds": epoch_eval_seconds},
+        # The device was held from setup to the last evaluation: that is what a run costs.
+        device_seconds=time.perf_counter() - t_start,
+        device=device_info(device),
+        peak_memory_bytes=_peak_memory(device),
+        versions=versions(),
+        test_split={"public": len(public_idx), "private": len(private_idx)},
+        dataset={"source": data.source, "content_hash": data.content_hash, "train": n_train,
+                 "test": len(test_y), "classes": data.classes},
+        spec=spec.model_dump(mode="json"),
+    )
+    return TrainResult(summary=summary, logits=logits16)
+
+
+def _eval_model(model: nn.Module, ema: AveragedModel | None, swa: AveragedModel | None, *,
+                swa_ready: bool) -> nn.Module:
+    if swa is not None and swa_ready:
+        return swa
+    return ema if ema is not None else model
+
+
+def _weights_name(ema, swa, epochs_done: int) -> str:
+    if swa is not None and epochs_done > 0:
+        return "swa"
+    return "ema" if ema is not None else "raw"
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def versions() -> dict[str, Any]:
+    import torchvision
+
+    return {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": sys.version.split()[0],
+        "hparena": code_version(),
+    }
+
+
+def code_version() -> str:
+    """The git revision of the engine's checkout, so every result says which code produced it."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"

@@ -1,0 +1,170 @@
+"""The train task: prepare -> claim -> run the engine -> report -> clean up.
+
+A thin shell around the engine. Everything the engine learns flows back through `on_event`; the
+database sees epoch rows while training runs and one final write when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import traceback
+from functools import lru_cache
+
+from app.admin.service import upsert_node
+from app.config import get_settings
+from app.db import session_scope
+from app.queue import TRAIN_TASK
+from app.submissions import runs
+from app.submissions.models import RunStatus
+from worker.celery_app import celery
+
+log = logging.getLogger("hparena.worker")
+
+
+@lru_cache(maxsize=2)
+def _dataset(spec_json: str):
+    """Packed datasets are cached on disk; this keeps the last ones in the worker process as well."""
+    from worker.engine.config import DataSpec
+    from worker.engine.data import load_dataset
+
+    s = get_settings()
+    return load_dataset(DataSpec.model_validate_json(spec_json), s.data_dir, download=s.allow_download,
+                        default_path=s.dataset_path)
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the run's heartbeat while training; notices cancellation from the API."""
+
+    def __init__(self, claim: runs.Claim, interval: float):
+        super().__init__(name=f"heartbeat-run-{claim.run_id}", daemon=True)
+        self.claim, self.interval = claim, interval
+        self.progress = 0.0
+        self.device_name: str | None = None
+        self.stop_requested = threading.Event()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            with session_scope() as s:
+                status = runs.heartbeat(s, self.claim, self.progress, self.device_name)
+            if status != RunStatus.running:
+                self.stop_requested.set()
+        except Exception:  # a missed beat is not fatal; the stale window is many beats long
+            log.exception("heartbeat failed for run %s", self.claim.run_id)
+
+    def close(self) -> None:
+        self._done.set()
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+@celery.task(name=TRAIN_TASK, bind=True)
+def train_run(self, run_id: int) -> str:
+    settings = get_settings()
+    hostname = self.request.hostname or "local"
+    queue = (self.request.delivery_info or {}).get("routing_key") or settings.queue_for(settings.hardware_class)
+
+    # ---- claim ----------------------------------------------------------------------------------------
+    with session_scope() as s:
+        claim = runs.claim(s, run_id, hostname, stale_after=settings.stale_after_seconds,
+                           max_attempts=settings.max_attempts)
+    if isinstance(claim, str):
+        log.info("run %s not started: %s", run_id, claim)
+        return f"skipped: {claim}"
+
+    hb = _Heartbeat(claim, settings.heartbeat_seconds)
+    t0 = time.perf_counter()
+    try:
+        # ---- prepare ------------------------------------------------------------------------------------
+        import torch  # imported here: the parent process never loads CUDA
+
+        from worker.engine.config import RunSpec, TrainConfig
+        from worker.engine.train import EngineError, StopRequested, device_info, resolve_device, train
+
+        device = resolve_device(settings.device)
+        hb.device_name = device_info(device)["name"]
+        with session_scope() as s:
+            upsert_node(s, hostname, queue, current_run_id=run_id, device_name=hb.device_name)
+        hb.start()
+        hb.beat()
+        comp = claim.competition
+        spec = RunSpec(config=TrainConfig.model_validate(claim.config), model=comp["model"],
+                       data=comp["dataset"], budget=comp["budget"], seed=claim.seed)
+        data = _dataset(spec.data.model_dump_json())
+
+        def on_event(event: dict) -> None:
+            if event["kind"] == "progress":
+                hb.progress = event["step"] / max(event["total_steps"], 1)
+            elif event["kind"] == "epoch":
+                hb.progress = event["epoch"] / event["epochs"]
+                with session_scope() as s:
+                    runs.record_epoch(s, claim, event, hb.progress)
+            if hb.stop_requested.is_set():
+                raise StopRequested
+
+        # ---- run ------------------------------------------------------------------------------------------
+        result = train(spec, data, device, on_event)
+        summary = _json_safe(result.summary)
+
+        # ---- report ---------------------------------------------------------------------------------------
+        status = RunStatus(summary["status"])
+        if status == RunStatus.cancelled:
+            return "cancelled"  # the API already wrote the terminal state
+        fields = dict(
+            gpu_seconds=summary["device_seconds"], wall_seconds=time.perf_counter() - t0,
+            stop_reason=summary["stop_reason"], device_name=summary["device"]["name"], result=summary,
+        )
+        if status == RunStatus.diverged:
+            fields.update(diverged_epoch=summary["diverged_epoch"], diverged_step=summary["diverged_step"],
+                          error=f"loss became NaN/inf at step {summary['diverged_step']} "
+                                f"(epoch {summary['diverged_epoch']})")
+        else:
+            fields.update(accuracy=summary["accuracy"], private_accuracy=summary["private_accuracy"],
+                          logits=result.logits)
+        with session_scope() as s:
+            written = runs.finish(s, claim, status, **fields)
+        return status.value if written else "superseded"
+    except Exception as exc:
+        # Every failure leaves the run saying why.
+        from worker.engine.train import EngineError
+
+        text = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+        log.error("run %s failed: %s\n%s", run_id, text, traceback.format_exc())
+        try:
+            with session_scope() as s:
+                runs.finish(s, claim, RunStatus.failed, error=text[:4000],
+                            wall_seconds=time.perf_counter() - t0)
+        except Exception:
+            log.exception("could not record the failure of run %s", run_id)
+            raise
+        return "failed"
+    finally:
+        # ---- clean up -------------------------------------------------------------------------------------
+        hb.close()
+        try:
+            with session_scope() as s:
+                upsert_node(s, hostname, queue, current_run_id=None)
+        except Exception:
+            log.exception("could not mark worker idle")
+        try:
+            import torch
+
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
