@@ -131,12 +131,12 @@ def test_small_real_tarball_loads_and_second_load_hits_cache(small_real_tar, tmp
     # the first airplane in train is train/airplane/0000.jpg, decoded the plain PIL way
     with tarfile.open(small_real_tar) as tf:
         ref = Image.open(tf.extractfile("cifar10-small/train/airplane/0000.jpg")).convert("RGB")
-    assert torch.equal(ds.train_x[0], torch.from_numpy(np.asarray(ref)).permute(2, 0, 1))
+    assert torch.equal(ds.train_x[0], torch.from_numpy(np.array(ref)).permute(2, 0, 1))
     # and the first truck in test is test/truck/0000.jpg
     with tarfile.open(small_real_tar) as tf:
         ref = Image.open(tf.extractfile("cifar10-small/test/truck/0000.jpg")).convert("RGB")
     first_truck = int(torch.nonzero(ds.test_y == 9)[0])
-    assert torch.equal(ds.test_x[first_truck], torch.from_numpy(np.asarray(ref)).permute(2, 0, 1))
+    assert torch.equal(ds.test_x[first_truck], torch.from_numpy(np.array(ref)).permute(2, 0, 1))
 
     packed = list(tmp_path.glob("packed-*-32px.pt"))
     assert [p.name for p in packed] == [f"packed-{ds.content_hash[:16]}-32px.pt"]
@@ -188,7 +188,7 @@ def test_high_res_folder_is_resized(tmp_path):
     # sample 0 is train/bird/000.*: PIL's bilinear resize of that image
     rel = sorted(r for r in written if r.startswith("train/bird/"))[0]
     expected = np.asarray(written[rel].resize((64, 64), Image.Resampling.BILINEAR))
-    assert torch.equal(ds.train_x[0], torch.from_numpy(expected).permute(2, 0, 1))
+    assert torch.equal(ds.train_x[0], torch.from_numpy(np.array(expected)).permute(2, 0, 1))
 
 
 @pytest.mark.parametrize("name,prefix", [("tree.tar.gz", "mydata/"), ("tree.tar", ""), ("tree.tgz", "a/b/")])
@@ -211,7 +211,7 @@ def test_val_folder_and_already_sized_images(tmp_path):
     ds = load_dataset(DataSpec(name="imagefolder", path=str(root), image_size=48), tmp_path / "cache")
     assert ds.test_x.shape == (6, 3, 48, 48)
     rel = sorted(r for r in written if r.startswith("val/bird/"))[0]
-    assert torch.equal(ds.test_x[0], torch.from_numpy(np.asarray(written[rel])).permute(2, 0, 1))
+    assert torch.equal(ds.test_x[0], torch.from_numpy(np.array(written[rel])).permute(2, 0, 1))
 
 
 def test_folder_content_change_repacks(tmp_path):
@@ -415,7 +415,7 @@ def _corrupt_image(root: Path) -> None:
 
 def _truncated_image(root: Path) -> None:
     make_tree(root, size=(64, 64))
-    p = root / "test" / "bird" / "001.jpg"
+    p = root / "test" / "bird" / "000.jpg"
     p.write_bytes(p.read_bytes()[:200])
 
 
@@ -438,7 +438,7 @@ MALFORMED = [  # {p}: where the tree sits inside the source ("" for the folder, 
     (_empty_class, r"class 'cat' in {p}train/ has no images"),
     (_class_without_images, r"class 'cat' in {p}train/ has no images"),
     (_corrupt_image, r"cannot read image '{p}train/dog/001.jpg'"),
-    (_truncated_image, r"cannot read image '{p}test/bird/001.jpg'"),
+    (_truncated_image, r"cannot read image '{p}test/bird/000.jpg'"),
     (_class_mismatch,
      r"differ between {p}train/ and {p}test/: only in train/: \['cat'\]; only in test/: \['kat'\]"),
     (_no_classes_in_test, r"{p}test/ has no class folders"),

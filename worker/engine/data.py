@@ -15,6 +15,10 @@ done once per (source content, image size): the result is packed into a single t
 The cache key is a sha256 of the source's content (the tarball's bytes; every image's relative path
 and bytes for a folder; the batch files for a torchvision root). For folders the digest is remembered
 in a small side file keyed by the files' paths, sizes and mtimes, so an unchanged tree is not re-read.
+Cache files are only ever written whole and swapped in with `os.replace`, so concurrent packers cannot
+corrupt them. The returned tensors memory-map the cache file copy-on-write (writing to them never
+touches the file); delete or replace a cache file, never truncate or rewrite it in place, while a
+process may still be reading it (a mapped file shrunk in place raises SIGBUS in the reader).
 
 Labels follow the sorted class-folder names (for CIFAR-10 this is torchvision's order: airplane,
 automobile, bird, cat, deer, dog, frog, horse, ship, truck). Subsets are applied after loading, with

@@ -1,0 +1,202 @@
+"""The Celery task, invoked for real (`apply` runs it in this process, as a worker's child would).
+
+A run trains a width-8 ResNet18 on 300 real CIFAR-10 images: a few seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from app.db import session_scope, utcnow
+from app.submissions import runs as run_service
+from app.submissions.models import EpochMetric, Run, RunLogits
+from tests.factories import join, make_competition, make_organizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def contest(client, admin_headers, tiny_cifar):
+    def make(seeds=(0,), max_epochs=2, **kw):
+        org = make_organizer(client, admin_headers)
+        kw.setdefault("dataset", {"name": "cifar10", "path": str(tiny_cifar)})
+        comp = make_competition(client, org, seeds=list(seeds), budget={"max_epochs": max_epochs}, **kw)
+        return comp, join(client, comp["slug"])
+    return make
+
+
+def _submit(client, comp, student, **config):
+    r = client.post(f"/api/competitions/{comp['slug']}/submissions", json={"config": config}, headers=student)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _run_ids(db, submission_id):
+    return db.scalars(select(Run.id).where(Run.submission_id == submission_id).order_by(Run.id)).all()
+
+
+def _apply(run_id):
+    from worker.tasks import train_run
+
+    return train_run.apply(args=[run_id]).get()
+
+
+def test_task_trains_and_reports_to_the_leaderboard(client, db, contest):
+    comp, student = contest(seeds=(0, 1))
+    sub = _submit(client, comp, student, lr=0.05, batch_size=32, epochs=2)
+    ids = _run_ids(db, sub["id"])
+    assert [_apply(i) for i in ids] == ["succeeded", "succeeded"]
+
+    detail = client.get(f"/api/submissions/{sub['id']}", headers=student).json()
+    assert detail["status"] == "succeeded"
+    for run in detail["runs"]:
+        assert run["status"] == "succeeded" and run["attempts"] == 1 and run["progress"] == 1.0
+        assert 0.0 <= run["accuracy"] <= 1.0
+        assert run["gpu_seconds"] > 0 and run["wall_seconds"] >= run["gpu_seconds"] * 0.5
+        assert run["device_name"].startswith("CPU") and run["worker_hostname"]
+        assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+        assert all(e["train_loss"] > 0 and e["images_per_sec"] > 0 for e in run["epochs"])
+        assert run["result"]["versions"]["torch"].startswith("2.14")
+        assert run["result"]["stop_reason"] == "completed"
+        assert run["result"]["spec"]["seed"] == run["seed"]
+    mean_acc = sum(r["accuracy"] for r in detail["runs"]) / 2
+    assert detail["accuracy"] == pytest.approx(mean_acc)
+
+    logits = db.get(RunLogits, ids[0])
+    assert (logits.rows, logits.cols, logits.dtype) == (100, 10, "float16")
+    assert len(logits.data) == 100 * 10 * 2
+
+    board = client.get(f"/api/competitions/{comp['slug']}/leaderboard").json()["entries"]
+    assert board[0]["submission_id"] == sub["id"] and board[0]["accuracy"] == pytest.approx(mean_acc)
+
+
+def test_redelivered_message_does_not_run_twice(client, db, contest):
+    comp, student = contest()
+    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    (run_id,) = _run_ids(db, sub["id"])
+    assert _apply(run_id) == "succeeded"
+    assert _apply(run_id) == "skipped: run is succeeded"
+    db.expire_all()
+    assert db.get(Run, run_id).attempts == 1
+    assert db.scalar(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id)) == 1
+
+
+def test_same_seed_same_config_same_result(client, db, contest):
+    comp, student = contest()
+    a = _submit(client, comp, student, batch_size=32, epochs=1)
+    b = _submit(client, comp, student, batch_size=32, epochs=1)
+    for s in (a, b):
+        _apply(_run_ids(db, s["id"])[0])
+    accs = [client.get(f"/api/submissions/{s['id']}", headers=student).json()["runs"][0] for s in (a, b)]
+    assert accs[0]["accuracy"] == accs[1]["accuracy"]
+    assert accs[0]["epochs"][0]["train_loss"] == pytest.approx(accs[1]["epochs"][0]["train_loss"], rel=1e-5)
+
+
+def test_stale_running_run_is_reclaimed_and_old_worker_is_fenced_off(client, db, contest):
+    comp, student = contest()
+    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    (run_id,) = _run_ids(db, sub["id"])
+    with session_scope() as s:
+        dead = run_service.claim(s, run_id, "dead-worker", stale_after=60, max_attempts=3)
+    assert dead.attempt == 1
+    # While its heartbeat is fresh, a redelivery leaves the run alone.
+    assert _apply(run_id) == "skipped: run is running on dead-worker"
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(heartbeat_at=utcnow() - timedelta(minutes=5)))
+    assert _apply(run_id) == "succeeded"
+    db.expire_all()
+    run = db.get(Run, run_id)
+    assert run.attempts == 2 and run.worker_hostname != "dead-worker"
+    with session_scope() as s:  # the presumed-dead worker wakes up and tries to report: refused
+        from app.submissions.models import RunStatus
+
+        assert run_service.finish(s, dead, RunStatus.failed, error="late") is False
+    db.expire_all()
+    assert db.get(Run, run_id).status == "succeeded"
+
+
+def test_worker_lost_too_often_fails_with_reason(client, db, contest):
+    comp, student = contest()
+    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    (run_id,) = _run_ids(db, sub["id"])
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(
+            status="running", attempts=3, worker_hostname="w3", heartbeat_at=utcnow() - timedelta(hours=1)))
+    assert _apply(run_id) == "skipped: gave up after too many lost workers"
+    detail = client.get(f"/api/submissions/{sub['id']}", headers=student).json()
+    assert detail["status"] == "failed"
+    assert "worker lost 3 times" in detail["runs"][0]["error"]
+
+
+def test_crash_leaves_failed_with_error_text(client, db, contest, tmp_path):
+    comp, student = contest(dataset={"name": "cifar10", "path": str(tmp_path / "gone.tar.gz")})
+    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    assert _apply(_run_ids(db, sub["id"])[0]) == "failed"
+    detail = client.get(f"/api/submissions/{sub['id']}", headers=student).json()
+    assert detail["status"] == "failed"
+    assert "gone.tar.gz" in detail["runs"][0]["error"] and "does not exist" in detail["runs"][0]["error"]
+    assert detail["error"] == detail["runs"][0]["error"]
+
+
+def test_nan_loss_leaves_diverged_with_epoch(client, db, contest, monkeypatch):
+    import torch
+
+    import worker.engine.train as engine_train
+
+    real_build = engine_train.build_model
+    calls = {"n": 0}
+
+    def poisoned_build(*args, **kwargs):
+        """Fault injection: from the 12th forward pass on, the model's output is NaN."""
+        model = real_build(*args, **kwargs)
+
+        def hook(_module, _inputs, output):
+            if _module.training:
+                calls["n"] += 1
+            return output * float("nan") if calls["n"] >= 12 else output
+
+        model.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(engine_train, "build_model", poisoned_build)
+    comp, student = contest(max_epochs=3)
+    sub = _submit(client, comp, student, batch_size=32, epochs=3)  # 9 steps per epoch: NaN in epoch 2
+    assert _apply(_run_ids(db, sub["id"])[0]) == "diverged"
+    run = client.get(f"/api/submissions/{sub['id']}", headers=student).json()["runs"][0]
+    assert run["status"] == "diverged" and run["stop_reason"] == "diverged"
+    assert (run["diverged_epoch"], run["diverged_step"]) == (2, 12)
+    assert "NaN" in run["error"] and "step 12" in run["error"]
+    assert [e["epoch"] for e in run["epochs"]] == [1]  # epoch 3 was never started: no budget burned
+    assert torch.isfinite(torch.tensor(run["epochs"][0]["train_loss"]))
+
+
+def test_cancel_while_running_stops_the_worker(client, db, contest, settings_env, monkeypatch):
+    monkeypatch.setenv("HPARENA_HEARTBEAT_SECONDS", "0.2")
+    from app.config import get_settings
+
+    get_settings.cache_clear()
+    comp, student = contest(max_epochs=50, search_space={})
+    sub = _submit(client, comp, student, batch_size=32, epochs=50)
+    (run_id,) = _run_ids(db, sub["id"])
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(_apply(run_id)))
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with session_scope() as s:
+            if s.scalar(select(EpochMetric.id).where(EpochMetric.run_id == run_id)):
+                break
+        time.sleep(0.2)
+    r = client.post(f"/api/submissions/{sub['id']}/cancel", headers=student)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    t.join(60)
+    assert out == ["cancelled"]
+    with session_scope() as s:
+        epochs = s.scalars(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id)).all()
+        assert s.get(Run, run_id).status == "cancelled"
+    assert len(epochs) < 50
