@@ -7,7 +7,6 @@ database sees epoch rows while training runs and one final write when it ends.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import traceback
@@ -20,6 +19,7 @@ from app.queue import TRAIN_TASK
 from app.submissions import runs
 from app.submissions.models import RunStatus
 from worker.celery_app import celery
+from worker.engine.report import json_safe
 
 log = logging.getLogger("hparena.worker")
 
@@ -63,21 +63,15 @@ class _Heartbeat(threading.Thread):
         self._done.set()
 
 
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
+_json_safe = json_safe  # results are stored as strict JSON
 
 
 @celery.task(name=TRAIN_TASK, bind=True)
 def train_run(self, run_id: int) -> str:
     settings = get_settings()
     hostname = self.request.hostname or "local"
-    queue = (self.request.delivery_info or {}).get("routing_key") or settings.queue_for(settings.hardware_class)
+    delivery = self.request.delivery_info or {}
+    queue = delivery.get("routing_key") or settings.queue_for(settings.hardware_class)
 
     # ---- claim ----------------------------------------------------------------------------------------
     with session_scope() as s:
@@ -91,10 +85,9 @@ def train_run(self, run_id: int) -> str:
     t0 = time.perf_counter()
     try:
         # ---- prepare ------------------------------------------------------------------------------------
-        import torch  # imported here: the parent process never loads CUDA
-
+        # Imported here, in the child: the parent process never loads CUDA.
         from worker.engine.config import RunSpec, TrainConfig
-        from worker.engine.train import EngineError, StopRequested, device_info, resolve_device, train
+        from worker.engine.train import StopRequested, device_info, resolve_device, train
 
         device = resolve_device(settings.device)
         hb.device_name = device_info(device)["name"]

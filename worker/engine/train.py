@@ -30,6 +30,7 @@ from worker.engine.data import Dataset
 from worker.engine.evaluate import evaluate_halves, predict_logits, split_public_private
 from worker.engine.model import build_model
 from worker.engine.optim import build_optimizer, set_lr
+from worker.engine.report import json_safe
 from worker.engine.schedule import lr_factor
 
 Event = dict[str, Any]
@@ -165,8 +166,6 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     # CUDA runs asynchronously: only look at loss and clock every few steps so the GPU never waits on us.
     check_every = 1 if device.type == "cpu" else 10
     setup_seconds = time.perf_counter() - t_start
-    emit({"kind": "setup", "device": str(device), "precision": precision, "total_steps": total_steps,
-          "epochs": epochs, "steps_per_epoch": steps_per_epoch, "setup_seconds": setup_seconds})
 
     def loss_fn(out: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float) -> torch.Tensor:
         loss = F.cross_entropy(out, ya, label_smoothing=cfg.label_smoothing)
@@ -227,6 +226,9 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
             torch.cuda.synchronize(device)
 
     try:
+        # Inside the try: a callback may already ask to stop on the setup event (a run cancelled while queued).
+        emit({"kind": "setup", "device": str(device), "precision": precision, "total_steps": total_steps,
+              "epochs": epochs, "steps_per_epoch": steps_per_epoch, "setup_seconds": setup_seconds})
         for epoch in range(epochs):
             model.train()
             t_epoch = time.perf_counter()
@@ -308,12 +310,13 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     }
     logits16 = None
     if summary["status"] == "succeeded":
-        eval_model = _eval_model(model, ema, swa, swa_ready=swa is not None and epochs_done > 0)
+        eval_model = _eval_model(model, ema, swa, swa_ready=_swa_ready(swa))
         logits = predict_logits(eval_model, test_x, EVAL_BATCH, device=device, mean=mean, std=std,
                                 tta=cfg.tta, autocast_dtype=amp_dtype, channels_last=cfg.channels_last)
         metrics = evaluate_halves(logits, test_y, data.num_classes, public_idx, private_idx)
-        summary.update(accuracy=metrics["public"]["accuracy"], private_accuracy=metrics["private"]["accuracy"],
-                       metrics=metrics, evaluated_weights=_weights_name(ema, swa, epochs_done))
+        summary.update(accuracy=metrics["public"]["accuracy"], metrics=metrics,
+                       private_accuracy=metrics["private"]["accuracy"],
+                       evaluated_weights=_weights_name(ema, swa))
         logits16 = logits.half()
     sync()
     eval_seconds = time.perf_counter() - t_eval + epoch_eval_seconds
@@ -331,7 +334,7 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
                  "test": len(test_y), "classes": data.classes},
         spec=spec.model_dump(mode="json"),
     )
-    return TrainResult(summary=summary, logits=logits16)
+    return TrainResult(summary=json_safe(summary), logits=logits16)
 
 
 def _eval_model(model: nn.Module, ema: AveragedModel | None, swa: AveragedModel | None, *,
@@ -341,8 +344,14 @@ def _eval_model(model: nn.Module, ema: AveragedModel | None, swa: AveragedModel 
     return ema if ema is not None else model
 
 
-def _weights_name(ema, swa, epochs_done: int) -> str:
-    if swa is not None and epochs_done > 0:
+def _swa_ready(swa: AveragedModel | None) -> bool:
+    # Only once it holds a snapshot: a time budget can stop a run before the SWA window opens, and an
+    # empty average still holds the untrained weights it was copied from.
+    return swa is not None and int(swa.n_averaged) > 0
+
+
+def _weights_name(ema, swa) -> str:
+    if _swa_ready(swa):
         return "swa"
     return "ema" if ema is not None else "raw"
 

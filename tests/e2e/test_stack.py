@@ -1,0 +1,128 @@
+"""The whole path with real processes: uvicorn API + Celery worker (prefork) + a real broker + a real DB.
+
+Two stacks: the embedded default (kombu filesystem broker, SQLite) and production's (Redis at
+127.0.0.1:6379, PostgreSQL). Submit over HTTP, the worker trains on 300 real CIFAR-10 images, and the
+public leaderboard shows the result.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+
+from tests.conftest import _drop_pg_database, _pg_database
+from worker.cli import spawn, stop, wait_http
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+REDIS_URL = os.environ.get("HPARENA_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["filesystem+sqlite", "redis+postgresql"])
+def stack(request, tmp_path, tiny_cifar):
+    broker, db = request.param.split("+")
+    hw = f"e2e{uuid.uuid4().hex[:6]}"  # a queue of its own, so parallel runs never share messages
+    pg_name = None
+    if db == "sqlite":
+        db_url = f"sqlite:///{tmp_path / 'e2e.db'}"
+    else:
+        pg_name = f"hparena_e2e_{uuid.uuid4().hex[:8]}"
+        db_url = _pg_database(pg_name)
+    env = {
+        **os.environ,
+        "HPARENA_DATABASE_URL": db_url,
+        "HPARENA_BROKER_URL": "filesystem://" if broker == "filesystem" else REDIS_URL,
+        "HPARENA_VAR_DIR": str(tmp_path / "var"),
+        "HPARENA_DATA_DIR": str(tmp_path / "data"),
+        "HPARENA_ADMIN_TOKEN": "e2e-admin-token",
+        "HPARENA_HARDWARE_CLASS": hw,
+        "HPARENA_DEVICE": "cpu",
+        "HPARENA_HEARTBEAT_SECONDS": "1",
+    }
+    port = _free_port()
+    from app import migrate
+
+    migrate.upgrade(db_url)
+    old = dict(os.environ)
+    os.environ.update(env)
+    procs = []
+    try:
+        procs.append(spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)],
+                           tmp_path / "api.log"))
+        procs.append(spawn([sys.executable, "-m", "worker.cli", "worker", "--hostname", f"{hw}@%h"],
+                           tmp_path / "worker.log"))
+        wait_http(f"http://127.0.0.1:{port}/api/health")
+        yield {"url": f"http://127.0.0.1:{port}", "hw": hw, "tiny": tiny_cifar, "logs": tmp_path}
+    finally:
+        for p in procs:
+            stop(p)
+        os.environ.clear()
+        os.environ.update(old)
+        if pg_name:
+            _drop_pg_database(pg_name)
+
+
+def _wait(predicate, timeout, what, logs):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    worker_log = (logs / "worker.log").read_text()[-3000:]
+    raise AssertionError(f"timed out waiting for {what}; worker log tail:\n{worker_log}")
+
+
+def test_submission_goes_through_a_real_worker_onto_the_leaderboard(stack):
+    admin = {"Authorization": "Bearer e2e-admin-token"}
+    with httpx.Client(base_url=stack["url"], timeout=30) as http:
+        org = {"Authorization": "Bearer " + http.post("/api/admin/users", json={"name": "o", "role": "organizer"},
+                                                      headers=admin).json()["token"]}
+        comp = {"slug": "e2e", "title": "e2e", "hardware_class": stack["hw"], "seeds": [0, 1],
+                "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
+                "budget": {"max_epochs": 2}}
+        assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
+        token = http.post("/api/competitions/e2e/join", json={"name": "s", "team": "owls"}).json()["token"]
+        student = {"Authorization": f"Bearer {token}"}
+        t0 = time.time()
+        r = http.post("/api/competitions/e2e/submissions", json={"config": {"batch_size": 32, "lr": 0.05}},
+                      headers=student)
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+
+        # The fleet shows the worker, busy or idle, on its own queue.
+        fleet = _wait(lambda: http.get("/api/admin/workers", headers=admin).json()["workers"] or None, 60,
+                      "the worker to announce itself", stack["logs"])
+        assert fleet[0]["hostname"].startswith(stack["hw"]) and f"train.{stack['hw']}" in fleet[0]["queues"]
+
+        def finished():
+            d = http.get(f"/api/submissions/{sid}", headers=student).json()
+            return d if d["status"] not in ("queued", "running") else None
+
+        detail = _wait(finished, 240, "the submission to finish", stack["logs"])
+        elapsed = time.time() - t0
+        assert detail["status"] == "succeeded", detail
+        for run in detail["runs"]:
+            assert run["worker_hostname"].startswith(stack["hw"])
+            assert run["device_name"].startswith("CPU")
+            assert [e["epoch"] for e in run["epochs"]] == [1, 2]
+        board = http.get("/api/competitions/e2e/leaderboard").json()["entries"]
+        assert board[0]["team"] == "owls" and board[0]["submission_id"] == sid
+        assert board[0]["accuracy"] == pytest.approx(detail["accuracy"])
+        print(f"\nsubmit -> leaderboard: {elapsed:.1f} s")
+
+        # Workers drained the queue: nothing left queued in the DB or the broker.
+        q = {x["queue"]: x for x in http.get("/api/admin/workers", headers=admin).json()["queues"]}
+        assert q[f"train.{stack['hw']}"]["queued_runs"] == 0
+        assert q[f"train.{stack['hw']}"]["broker_messages"] in (0, None)

@@ -1,0 +1,234 @@
+"""`hparena`: train a config locally, run the API or a worker, or the whole demo on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="hparena: hyperparameter-tuning competitions on ResNet18/CIFAR-10.")
+console = Console()
+
+
+def main() -> None:
+    cli()
+
+
+# ----------------------------------------------------------------------------------------------------
+# hparena train: the engine, locally
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_run_spec(path: Path, data: str | None, epochs: int | None):
+    """A YAML/JSON file holding a RunSpec ({config, model, data, budget, seed}) or just hyperparameters."""
+    import yaml
+    from pydantic import ValidationError
+
+    from worker.engine.config import RunSpec, TrainConfig
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise typer.BadParameter(f"{path} must hold a mapping")
+    if not set(raw) & set(RunSpec.model_fields) and set(raw) <= set(TrainConfig.model_fields):
+        raw = {"config": raw}  # a bare hyperparameter file
+    if data:
+        raw.setdefault("data", {})["path"] = data
+    if epochs:
+        raw.setdefault("config", {})["epochs"] = epochs
+        raw.setdefault("budget", {}).setdefault("max_epochs", max(epochs, 1))
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                 for err in e.errors()]
+        raise typer.BadParameter(f"{path} is not a valid run config:\n" + "\n".join(lines)) from None
+
+
+@cli.command()
+def train(
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="YAML/JSON run config")],
+    data: Annotated[str | None, typer.Option(help="Dataset path (image folder, tarball or CIFAR root)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    out: Annotated[Path, typer.Option(help="Where to write the result JSON")] = Path("result.json"),
+    epochs: Annotated[int | None, typer.Option(help="Override config.epochs (and the budget cap)")] = None,
+) -> None:
+    """Train one config with the same engine the workers use; writes the same result JSON they store."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from app.config import get_settings
+    from worker.engine.data import DatasetError, load_dataset
+    from worker.engine.report import json_safe
+    from worker.engine.train import EngineError
+    from worker.engine.train import train as run_engine
+
+    spec = load_run_spec(config, data, epochs)
+    settings = get_settings()
+    try:
+        with console.status("Loading dataset..."):
+            dataset = load_dataset(spec.data, settings.data_dir, download=settings.allow_download,
+                                   default_path=settings.dataset_path)
+    except DatasetError as e:
+        console.print(f"[red]dataset error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"Data: {dataset.source}: {dataset.num_train} train / {dataset.num_test} test images")
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]}  {task.fields[ips]:.0f} img/s"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("setup", total=None, loss=float("nan"), acc="-", ips=0.0)
+
+        def on_event(e: dict) -> None:
+            if e["kind"] == "setup":
+                progress.update(bar, description=f"train on {e['device']} ({e['precision']})",
+                                total=e["total_steps"])
+            elif e["kind"] == "progress":
+                progress.update(bar, completed=e["step"], loss=e["loss"], ips=e["images_per_sec"])
+            elif e["kind"] == "epoch":
+                acc = "-" if e["test_accuracy"] is None else f"{e['test_accuracy']:.3f}"
+                progress.update(bar, acc=acc, loss=e["train_loss"])
+                progress.console.print(f"epoch {e['epoch']}/{e['epochs']}: loss {e['train_loss']:.4f}, "
+                                       f"public acc {acc}, {e['images_per_sec']:.0f} img/s")
+
+        try:
+            result = run_engine(spec, dataset, device, on_event)
+        except EngineError as e:
+            console.print(f"[red]training failed:[/red] {e}")
+            raise typer.Exit(1) from None
+    summary = json_safe(result.summary)
+    out.write_text(json.dumps(summary, indent=2, allow_nan=False))
+    _print_summary(summary)
+    console.print(f"Result written to {out}")
+    if summary["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def _print_summary(s: dict) -> None:
+    t = Table(title="Result", show_header=False)
+    t.add_row("status", f"{s['status']} ({s['stop_reason']})")
+    if s.get("accuracy") is not None:
+        t.add_row("accuracy (public half)", f"{s['accuracy']:.4f}")
+        t.add_row("accuracy (private half)", f"{s['private_accuracy']:.4f}")
+        t.add_row("ECE / after temperature", f"{s['metrics']['public']['ece']:.4f} / "
+                                             f"{s['metrics']['public']['ece_temperature']:.4f}")
+    if s.get("diverged_step"):
+        t.add_row("diverged at", f"step {s['diverged_step']} (epoch {s['diverged_epoch']})")
+    t.add_row("epochs", f"{s['epochs_completed']}/{s['epochs_planned']}")
+    t.add_row("device", f"{s['device']['name']} ({s['precision']})")
+    t.add_row("device-seconds", f"{s['device_seconds']:.1f}")
+    if s.get("images_per_sec"):
+        t.add_row("images/s", f"{s['images_per_sec']:.0f}")
+    tm = s["timings"]
+    t.add_row("setup / train / eval s", f"{tm['setup_seconds']:.1f} / {tm['train_seconds']:.1f} / "
+                                        f"{tm['eval_seconds']:.1f}")
+    console.print(t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Services
+# ----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (alembic upgrade head)."""
+    from app import migrate as m
+    from app.config import get_settings
+
+    m.upgrade()
+    console.print(f"Database at head: {get_settings().database_url}")
+
+
+@cli.command()
+def api(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the REST API (uvicorn)."""
+    import uvicorn
+
+    from app import migrate as m
+
+    m.upgrade()
+    uvicorn.run("app.main:app", host=host, port=port)
+
+
+@cli.command()
+def worker(
+    hardware_class: Annotated[str | None, typer.Option(help="Queue train.<class> to consume")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Celery node name")] = None,
+) -> None:
+    """Run one training worker (one process per GPU: start one per device)."""
+    from app.config import get_settings
+
+    hc = hardware_class or get_settings().hardware_class
+    os.environ["HPARENA_HARDWARE_CLASS"] = hc
+    get_settings.cache_clear()
+    from worker.celery_app import celery
+
+    argv = ["worker", "-Q", get_settings().queue_for(hc), "--concurrency", "1", "--pool", "prefork",
+            "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv += ["--hostname", hostname]
+    celery.worker_main(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# hparena demo: API + one worker on SQLite and the embedded broker
+# ----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+def demo(
+    port: int = 8000,
+    entries: Annotated[int, typer.Option(help="Example configs to submit")] = 3,
+    exit_when_done: Annotated[bool, typer.Option(help="Stop once every example is scored")] = False,
+) -> None:
+    """Start the API and a worker, create a demo competition, submit examples, watch the leaderboard."""
+    from worker.demo import run_demo
+
+    raise typer.Exit(run_demo(console, port=port, entries=entries, exit_when_done=exit_when_done))
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(args, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def python_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up within {timeout:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
