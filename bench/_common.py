@@ -93,7 +93,7 @@ def check_same_images(folder: Path, packed: Dataset, samples: int = 3) -> None:
         raise SystemExit(f"{folder} holds {len(files)} images but the packed subset {packed.num_train}")
     for i in np.linspace(0, len(files) - 1, samples * NUM_CLASSES).astype(int):
         with Image.open(files[i]) as im:
-            pixels = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
         if not torch.equal(pixels, packed.train_x[i]):
             raise SystemExit(f"{files[i]} differs from packed image {i}: the two pipelines see other data")
 

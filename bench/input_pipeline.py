@@ -32,7 +32,7 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from worker.engine.augment import augment_batch
+from worker.engine.augment import augment_batch, cutout, hflip, random_crop
 from worker.engine.config import TrainConfig
 from worker.engine.train import channel_stats
 
@@ -135,6 +135,35 @@ def main() -> None:
     print(f"baseline: {b_med:9.2f} batches/s  ({b_med * args.batch_size:10,.0f} images/s)  "
           f"ImageFolder + PIL crop/flip + ToTensor + Normalize, {args.workers} workers")
     print(f"(each side: median of {args.rounds} rounds; {c.load_note()})")
+
+    # ---- where the engine's time goes: the same steps augment_batch runs for this config, timed apart --
+    phases = {"index (uint8 gather)": 0.0, "to float + normalize": 0.0, "random crop (pad 4)": 0.0,
+              "horizontal flip": 0.0, "cutout 8": 0.0, "channels_last copy": 0.0}
+    names = list(phases)
+    steps = max(args.engine_batches // 2, 10)
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=gen)[:args.batch_size]
+        t = [time.perf_counter()]
+        xb = train_x[idx]
+        t.append(time.perf_counter())
+        x = xb.float().div_(255).sub_(mean_t).div_(std_t)
+        t.append(time.perf_counter())
+        x = random_crop(x, cfg.crop_padding, gen)
+        t.append(time.perf_counter())
+        x = hflip(x, gen)
+        t.append(time.perf_counter())
+        x = cutout(x, cfg.cutout_size, cfg.cutout_prob, gen)
+        t.append(time.perf_counter())
+        x.contiguous(memory_format=torch.channels_last)
+        t.append(time.perf_counter())
+        for i, name in enumerate(names):
+            phases[name] += t[i + 1] - t[i]
+    total = sum(phases.values())
+    print()
+    print(f"engine batch, phase by phase ({steps} batches, ms per batch of {args.batch_size}):")
+    print(c.table(["phase", "ms/batch", "share"],
+                  [[k, 1000 * v / steps, f"{100 * v / total:.0f}%"] for k, v in phases.items()]
+                  + [["total", 1000 * total / steps, "100%"]]))
     ratio = e_med / b_med
     print(f"RATIO engine/baseline = {ratio:.1f}x (target >= {TARGET:.0f}x): {c.verdict(ratio >= TARGET)}")
 

@@ -225,6 +225,7 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    first_bad = torch.tensor(-1, device=device)
     try:
         # Inside the try: a callback may already ask to stop on the setup event (a run cancelled while queued).
         emit({"kind": "setup", "device": str(device), "precision": precision, "total_steps": total_steps,
@@ -239,6 +240,8 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
                 set_lr(optimizer, cfg.lr, lr_factor(step, total_steps, steps_per_epoch, cfg))
                 loss = train_step(perm[s * effective_batch:(s + 1) * effective_batch])
                 loss_sum += loss
+                # Remember the first non-finite step on the device; reading it back waits for the next check.
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
                 if ema is not None and step % cfg.ema_every == 0:
                     ema.update_parameters(model)
                 step += 1
@@ -247,9 +250,11 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
                     sync()
                     compile_seconds = time.perf_counter() - t_step
                 if step % check_every == 0 or s == steps_per_epoch - 1:
-                    sync()
-                    if not torch.isfinite(loss):
-                        stop_reason, diverged_step, diverged_epoch = "diverged", step, epoch + 1
+                    sync()  # the clock below must include the queued GPU work
+                    bad = int(first_bad)
+                    if bad > 0:
+                        stop_reason, diverged_step = "diverged", bad
+                        diverged_epoch = (bad - 1) // steps_per_epoch + 1
                         break
                     elapsed = train_seconds + time.perf_counter() - t_epoch
                     if cfg.compile and not budget.compile_counts:
