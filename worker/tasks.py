@@ -97,7 +97,8 @@ def train_run(self, run_id: int) -> str:
         hb.beat()
         comp = claim.competition
         spec = RunSpec(config=TrainConfig.model_validate(claim.config), model=comp["model"],
-                       data=comp["dataset"], budget=comp["budget"], seed=claim.seed)
+                       data=comp["dataset"], budget=comp["budget"], seed=claim.seed,
+                       deterministic=comp["deterministic"])
         data = _dataset(spec.data.model_dump_json())
 
         def on_event(event: dict) -> None:

@@ -28,6 +28,7 @@ class CompetitionCreate(BaseModel):
     starts_at: datetime | None = None
     deadline: datetime | None = None
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=16)
+    deterministic: bool = Field(False, description="Deterministic kernels (slower; bitwise-reproducible runs).")
 
     @field_validator("search_space")
     @classmethod
@@ -59,6 +60,7 @@ class CompetitionOut(BaseModel):
     starts_at: datetime | None
     deadline: datetime | None
     seeds: list[int]
+    deterministic: bool
     created_at: datetime
 
 

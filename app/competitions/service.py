@@ -35,6 +35,7 @@ def create_competition(session: Session, data: CompetitionCreate, creator: User 
         starts_at=data.starts_at,
         deadline=data.deadline,
         seeds=data.seeds,
+        deterministic=data.deterministic,
         created_by_id=creator.id if creator else None,
     )
     session.add(comp)

@@ -60,7 +60,8 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
     comp = session.get(Competition, sub.competition_id)
     return Claim(run_id=run.id, attempt=run.attempts, seed=run.seed, config=dict(sub.config),
                  competition={"slug": comp.slug, "dataset": comp.dataset, "model": comp.model,
-                              "budget": comp.budget, "hardware_class": comp.hardware_class})
+                              "budget": comp.budget, "hardware_class": comp.hardware_class,
+                              "deterministic": comp.deterministic})
 
 
 def _aware(t):

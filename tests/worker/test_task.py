@@ -64,6 +64,7 @@ def test_task_trains_and_reports_to_the_leaderboard(client, db, contest):
         assert run["result"]["versions"]["torch"].startswith("2.14")
         assert run["result"]["stop_reason"] == "completed"
         assert run["result"]["spec"]["seed"] == run["seed"]
+        assert run["result"]["spec"]["deterministic"] is False
     mean_acc = sum(r["accuracy"] for r in detail["runs"]) / 2
     assert detail["accuracy"] == pytest.approx(mean_acc)
 
@@ -87,12 +88,13 @@ def test_redelivered_message_does_not_run_twice(client, db, contest):
 
 
 def test_same_seed_same_config_same_result(client, db, contest):
-    comp, student = contest()
+    comp, student = contest(deterministic=True)
     a = _submit(client, comp, student, batch_size=32, epochs=1)
     b = _submit(client, comp, student, batch_size=32, epochs=1)
     for s in (a, b):
         _apply(_run_ids(db, s["id"])[0])
     accs = [client.get(f"/api/submissions/{s['id']}", headers=student).json()["runs"][0] for s in (a, b)]
+    assert accs[0]["result"]["spec"]["deterministic"] is True
     assert accs[0]["accuracy"] == accs[1]["accuracy"]
     assert accs[0]["epochs"][0]["train_loss"] == pytest.approx(accs[1]["epochs"][0]["train_loss"], rel=1e-5)
 
