@@ -44,14 +44,14 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=10_000, help="class-balanced subset, both pipelines")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (baseline)")
-    p.add_argument("--engine-batches", type=int, default=200, help="timed engine batches per round")
+    p.add_argument("--engine-batches", type=int, default=300, help="timed engine batches per round")
     p.add_argument("--baseline-batches", type=int, default=30, help="timed DataLoader batches per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches before each timed round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating engine/baseline rounds")
+    p.add_argument("--rounds", type=int, default=7, help="alternating engine/baseline rounds")
     args = p.parse_args()
     if args.quick:
         args.train_images, args.engine_batches, args.baseline_batches, args.rounds = 2560, 50, 8, 2
-    threads = c.setup_threads(args.threads)
+    threads = default_threads = c.setup_threads(args.threads)
 
     # ---- the same images in both forms --------------------------------------------------------------
     data = c.load_cifar(args.data, args.cache_dir, train_subset=args.train_images, test_subset=10)
@@ -61,7 +61,7 @@ def main() -> None:
     per_epoch = n // args.batch_size
     if args.warmup + args.baseline_batches > per_epoch:
         args.baseline_batches = per_epoch - args.warmup
-        print(f"[note] one DataLoader epoch has {per_epoch} batches: timing {args.baseline_batches} per round")
+        print(f"[note] a DataLoader epoch has {per_epoch} batches: timing {args.baseline_batches} per round")
 
     # ---- engine: index into the packed tensor, normalize and augment in batched kernels ----------------
     cfg = TrainConfig(crop_padding=4, flip=True, cutout_size=8)
@@ -81,13 +81,17 @@ def main() -> None:
         x = augment_batch(x, cfg, gen, mean=mean, std=std)
         return x.contiguous(memory_format=torch.channels_last), train_y[idx]
 
-    def time_engine() -> float:
-        for _ in range(args.warmup):
-            engine_batch()
-        t0 = time.perf_counter()
-        for _ in range(args.engine_batches):
-            engine_batch()
-        return args.engine_batches / (time.perf_counter() - t0)
+    def time_engine(threads: int) -> float:
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(args.warmup):
+                engine_batch()
+            t0 = time.perf_counter()
+            for _ in range(args.engine_batches):
+                engine_batch()
+            return args.engine_batches / (time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(default_threads)
 
     # ---- baseline: the tutorial DataLoader over JPEG files --------------------------------------------
     tutorial = transforms.Compose([
@@ -116,18 +120,22 @@ def main() -> None:
     # ---- measure, alternating ---------------------------------------------------------------------------
     print(f"input pipeline: {n} real CIFAR-10 training images, batch {args.batch_size}, "
           f"{threads} torch threads, {args.workers} DataLoader workers; {c.load_note()}")
+    # The engine also runs with 1 intra-op thread, for information only: on a shared 2-core machine an
+    # OpenMP team of 2 waits on whichever thread the OS has descheduled, so 1 thread can win.
     rows, eng, base = [], [], []
     for r in range(args.rounds):
-        e = time_engine()
+        e = time_engine(threads)
+        e1 = time_engine(1)
         b, startup = time_baseline()
         eng.append(e)
         base.append(b)
-        rows.append([r + 1, e, e * args.batch_size, b, b * args.batch_size, startup, e / b])
-        print(f"  round {r + 1}/{args.rounds}: engine {e:.1f} batches/s, baseline {b:.2f} batches/s", flush=True)
+        rows.append([r + 1, e, e * args.batch_size, e1, b, b * args.batch_size, startup, e / b])
+        print(f"  round {r + 1}/{args.rounds}: engine {e:.1f} batches/s, baseline {b:.2f} batches/s",
+              flush=True)
 
     print()
-    print(c.table(["round", "engine batch/s", "engine img/s", "baseline batch/s", "baseline img/s",
-                   "loader warm-up s", "ratio"], rows))
+    print(c.table(["round", "engine batch/s", "engine img/s", "engine 1-thread batch/s", "baseline batch/s",
+                   "baseline img/s", "loader warm-up s", "ratio"], rows))
     e_med, b_med = c.median(eng), c.median(base)
     print()
     print(f"engine:   {e_med:9.1f} batches/s  ({e_med * args.batch_size:10,.0f} images/s)  "

@@ -7,6 +7,7 @@ database sees epoch rows while training runs and one final write when it ends.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import traceback
@@ -69,7 +70,7 @@ _json_safe = json_safe  # results are stored as strict JSON
 @celery.task(name=TRAIN_TASK, bind=True)
 def train_run(self, run_id: int) -> str:
     settings = get_settings()
-    hostname = self.request.hostname or "local"
+    hostname = self.request.hostname or f"local@{socket.gethostname()}"
     delivery = self.request.delivery_info or {}
     queue = delivery.get("routing_key") or settings.queue_for(settings.hardware_class)
 
@@ -77,6 +78,11 @@ def train_run(self, run_id: int) -> str:
     with session_scope() as s:
         claim = runs.claim(s, run_id, hostname, stale_after=settings.stale_after_seconds,
                            max_attempts=settings.max_attempts)
+    if isinstance(claim, runs.Busy) and not self.request.is_eager:
+        # Keep the message alive: if that worker dies without a trace, this copy retakes the run once its
+        # heartbeat is stale; if it finishes, this copy finds the run done and goes away.
+        log.info("run %s: %s; checking again in %.0f s", run_id, claim, settings.stale_after_seconds)
+        raise self.retry(countdown=settings.stale_after_seconds + settings.heartbeat_seconds, max_retries=None)
     if isinstance(claim, str):
         log.info("run %s not started: %s", run_id, claim)
         return f"skipped: {claim}"

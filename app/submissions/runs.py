@@ -19,6 +19,10 @@ from app.submissions.models import TERMINAL, EpochMetric, Run, RunLogits, RunSta
 from app.submissions.service import lock_submission, refresh_submission
 
 
+class Busy(str):
+    """The run is running elsewhere with a live heartbeat: look again once it could have gone stale."""
+
+
 @dataclass(frozen=True)
 class Claim:
     run_id: int
@@ -30,31 +34,40 @@ class Claim:
 
 def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, max_attempts: int
           ) -> Claim | str:
-    """Take the run for this worker, or return why not. A redelivered message finds it taken or done."""
+    """Take the run for this worker, or return why not. A redelivered message finds it taken or done.
+
+    A worker runs one task at a time (concurrency 1), so a run marked running on this very worker
+    belongs to a child process that died (its message came back through reject_on_worker_lost):
+    that run is retaken at once instead of waiting for its heartbeat to go stale.
+    """
     now = utcnow()
     stale = now - timedelta(seconds=stale_after)
     run = session.get(Run, run_id)
     if run is None:
         return "no such run"
     lock_submission(session, run.submission_id)
-    # Guarded UPDATE: only a queued run, or a running one whose worker stopped heartbeating, is claimable.
+    # Guarded UPDATE: only a queued run, or a running one whose worker died, is claimable.
+    dead = (Run.heartbeat_at < stale) | (Run.worker_hostname == hostname)
     taken = session.execute(
         update(Run)
         .where(Run.id == run_id, Run.attempts < max_attempts,
                or_(Run.status == RunStatus.queued,
-                   (Run.status == RunStatus.running) & (Run.heartbeat_at < stale)))
+                   (Run.status == RunStatus.running) & dead))
         .values(status=RunStatus.running, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
                 worker_hostname=hostname, error=None, progress=0.0)
         .execution_options(synchronize_session=False)
     ).rowcount
     session.refresh(run)
     if not taken:
-        if run.status == RunStatus.running and run.attempts >= max_attempts and run.heartbeat_at \
-                and _aware(run.heartbeat_at) < stale:
+        presumed_dead = run.heartbeat_at is not None and (_aware(run.heartbeat_at) < stale
+                                                          or run.worker_hostname == hostname)
+        if run.status == RunStatus.running and run.attempts >= max_attempts and presumed_dead:
             _set_final(session, run, RunStatus.failed,
                        error=f"worker lost {run.attempts} times (last on {run.worker_hostname}); giving up")
             return "gave up after too many lost workers"
-        return f"run is {run.status}" + (f" on {run.worker_hostname}" if run.status == RunStatus.running else "")
+        if run.status == RunStatus.running:
+            return Busy(f"run is running on {run.worker_hostname}")
+        return f"run is {run.status}"
     refresh_submission(session, run.submission_id)
     sub = session.get(Submission, run.submission_id)
     comp = session.get(Competition, sub.competition_id)

@@ -122,6 +122,22 @@ def test_stale_running_run_is_reclaimed_and_old_worker_is_fenced_off(client, db,
     assert db.get(Run, run_id).status == "succeeded"
 
 
+def test_run_left_running_by_a_dead_child_of_this_worker_is_retaken_at_once(client, db, contest):
+    import socket
+
+    comp, student = contest()
+    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    (run_id,) = _run_ids(db, sub["id"])
+    me = socket.gethostname()  # the hostname Celery gives a task applied in-process
+    with session_scope() as s:
+        first = run_service.claim(s, run_id, me, stale_after=60, max_attempts=3)
+    assert first.attempt == 1
+    # Fresh heartbeat, but this worker runs one task at a time: the earlier child must be gone.
+    assert _apply(run_id) == "succeeded"
+    db.expire_all()
+    assert db.get(Run, run_id).attempts == 2
+
+
 def test_worker_lost_too_often_fails_with_reason(client, db, contest):
     comp, student = contest()
     sub = _submit(client, comp, student, batch_size=32, epochs=1)
