@@ -63,7 +63,7 @@ def stack(request, tmp_path, tiny_cifar):
         procs.append(spawn([sys.executable, "-m", "worker.cli", "worker", "--hostname", f"{hw}@%h"],
                            tmp_path / "worker.log"))
         wait_http(f"http://127.0.0.1:{port}/api/health")
-        yield {"url": f"http://127.0.0.1:{port}", "hw": hw, "tiny": tiny_cifar, "logs": tmp_path}
+        yield {"url": f"http://127.0.0.1:{port}", "hw": hw, "tiny": tiny_cifar, "logs": tmp_path, "procs": procs}
     finally:
         for p in procs:
             stop(p)
@@ -126,3 +126,46 @@ def test_submission_goes_through_a_real_worker_onto_the_leaderboard(stack):
         q = {x["queue"]: x for x in http.get("/api/admin/workers", headers=admin).json()["queues"]}
         assert q[f"train.{stack['hw']}"]["queued_runs"] == 0
         assert q[f"train.{stack['hw']}"]["broker_messages"] in (0, None)
+
+
+def test_killed_worker_child_is_replaced_and_the_run_finishes_once(stack):
+    """SIGKILL the pool process mid-training: late ack + reject_on_worker_lost bring the message back,
+    the worker's new child retakes the run (attempt 2), and exactly one result lands."""
+    import signal
+    import subprocess
+
+    admin = {"Authorization": "Bearer e2e-admin-token"}
+    with httpx.Client(base_url=stack["url"], timeout=30) as http:
+        org = {"Authorization": "Bearer " + http.post("/api/admin/users", json={"name": "o", "role": "organizer"},
+                                                      headers=admin).json()["token"]}
+        comp = {"slug": "crash", "title": "crash", "hardware_class": stack["hw"], "seeds": [0],
+                "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
+                "budget": {"max_epochs": 30}}
+        assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
+        token = http.post("/api/competitions/crash/join", json={"name": "s", "team": "t"}).json()["token"]
+        student = {"Authorization": f"Bearer {token}"}
+        sid = http.post("/api/competitions/crash/submissions", json={"config": {"batch_size": 32, "epochs": 30}},
+                        headers=student).json()["id"]
+
+        def first_epoch_written():
+            run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
+            return run if run["epochs"] else None
+
+        _wait(first_epoch_written, 180, "the first epoch", stack["logs"])
+        worker = [p for p in stack["procs"] if "worker.cli" in " ".join(p.args)][0]
+        children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+        assert children, "the prefork pool has no child process"
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+
+        def finished():
+            d = http.get(f"/api/submissions/{sid}", headers=student).json()
+            return d if d["status"] not in ("queued", "running") else None
+
+        detail = _wait(finished, 300, "the retried run to finish", stack["logs"])
+        run = detail["runs"][0]
+        assert detail["status"] == "succeeded", detail
+        assert run["attempts"] == 2
+        assert [e["epoch"] for e in run["epochs"]] == list(range(1, 31))
+        board = http.get("/api/competitions/crash/leaderboard").json()["entries"]
+        assert len(board) == 1 and board[0]["submission_id"] == sid
