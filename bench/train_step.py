@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--breakdown-steps", type=int, default=12, help="steps per memory format in the breakdown")
     args = p.parse_args()
     if args.quick:
-        args.train_images, args.rounds, args.breakdown_steps = 1280, 1, 4
+        args.train_images, args.rounds, args.breakdown_steps = 1280, 2, 4
     threads = c.setup_threads(args.threads)
     device = torch.device("cpu")
 
@@ -165,8 +165,6 @@ def main() -> None:
 def breakdown(data, args, mean, std) -> None:
     """The engine's step (as in worker.engine.train) with a clock between phases, for both memory formats."""
     cfg = TrainConfig(batch_size=args.batch_size)
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-    std_t = torch.tensor(std).view(1, -1, 1, 1)
     formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     runs = {}
     for name, fmt in formats.items():
@@ -181,8 +179,7 @@ def breakdown(data, args, mean, std) -> None:
             model, opt, gen = run["model"], run["opt"], run["gen"]
             t0 = time.perf_counter()
             idx = torch.randperm(n, generator=gen)[:args.batch_size]
-            x = data.train_x[idx].float().div_(255).sub_(mean_t).div_(std_t)
-            x = augment_batch(x, cfg, gen, mean=mean, std=std).contiguous(memory_format=run["fmt"])
+            x = augment_batch(data.train_x[idx], cfg, gen, mean=mean, std=std).contiguous(memory_format=run["fmt"])
             y = data.train_y[idx]
             t1 = time.perf_counter()
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)

