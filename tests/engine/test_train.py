@@ -47,6 +47,7 @@ def data() -> Dataset:
 
 def _spec(*, epochs: int = 1, batch_size: int = 32, width: int = 4, seed: int = 0, budget: Budget | None = None,
           eval_every_epoch: bool = True, **cfg: Any) -> RunSpec:
+    cfg.setdefault("ema_decay", None)  # the engine's default EMA is on; these tests compare against raw weights
     return RunSpec(config=TrainConfig(epochs=epochs, batch_size=batch_size, **cfg), model=ModelSpec(width=width),
                    budget=budget or Budget(max_epochs=10), seed=seed, eval_every_epoch=eval_every_epoch)
 
@@ -483,3 +484,18 @@ def test_every_option_at_once_trains_to_a_finite_loss(data: Dataset, optimizer: 
     assert s["evaluated_weights"] == "ema"
     assert result.logits is not None and torch.isfinite(result.logits.float()).all()
     assert 0.0 <= s["accuracy"] <= 1.0
+
+
+def test_default_ema_ramps_up_so_short_runs_are_not_stuck_near_the_initialisation(data: Dataset) -> None:
+    from worker.engine.train import ema_with_warmup
+
+    ema, p = [torch.zeros(3)], [torch.ones(3)]
+    update = ema_with_warmup(0.99)
+    update(ema, p, torch.tensor(0))  # first update: decay 1/10, the average moves 90% of the way
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    counter, step = [torch.tensor(5)], [torch.tensor(9)]
+    update(counter, step, torch.tensor(3))  # integer buffers follow the model
+    assert int(counter[0]) == 9
+    result, _ = _run(_spec(epochs=2, ema_decay=0.99), data)
+    assert result.summary["evaluated_weights"] == "ema"
+    assert result.summary["accuracy"] > 0.3  # a fixed 0.99 after ~20 steps would still be near chance

@@ -69,14 +69,15 @@ class TrainConfig(_Strict):
     onecycle_pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="Fraction of training spent rising (onecycle).")
 
     # -- regularisation
-    label_smoothing: float = Field(0.0, ge=0.0, le=0.5)
+    label_smoothing: float = Field(0.1, ge=0.0, le=0.5)
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier.")
     mixup_alpha: float = Field(0.0, ge=0.0, le=10.0, description="Mixup Beta(alpha, alpha); 0 disables.")
     mixup_prob: Frac = Field(1.0, description="Chance a batch gets mixup (when alpha > 0).")
     cutmix_alpha: float = Field(0.0, ge=0.0, le=10.0, description="CutMix Beta(alpha, alpha); 0 disables.")
     cutmix_prob: Frac = Field(1.0, description="Chance a batch gets cutmix (when alpha > 0).")
     ema_decay: float | None = Field(
-        None, ge=0.5, lt=1.0, description="EMA of weights, evaluated instead of raw weights."
+        0.99, ge=0.5, lt=1.0, description="EMA of weights (decay ramps up over the first steps), evaluated "
+        "instead of the raw weights; null disables."
     )
     ema_every: int = Field(1, ge=1, le=1000, description="Optimizer steps between EMA updates.")
     swa_epochs: int = Field(0, ge=0, le=1000, description="Average weights over the last N epochs (0: off).")
@@ -98,7 +99,7 @@ class TrainConfig(_Strict):
     rotation_degrees: float = Field(0.0, ge=0.0, le=45.0)
 
     # -- evaluation
-    tta: Literal["none", "flip", "flip_translate"] = Field("flip", description="Test-time augmentation.")
+    tta: Literal["none", "flip", "flip_translate"] = Field("flip_translate", description="Test-time augmentation.")
 
     # -- architecture (a competition must enable anything but the defaults)
     stem: Literal["cifar", "imagenet", "deep"] = Field("cifar")

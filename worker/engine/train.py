@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from worker.engine.augment import augment_batch, mix_batch
 from worker.engine.config import RunSpec
@@ -147,7 +147,7 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     model = build_model(spec.model, cfg, data.num_classes).to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
            if cfg.ema_decay else None)
     swa = AveragedModel(model, use_buffers=True) if cfg.swa_epochs > 0 else None
     step_model = torch.compile(model) if cfg.compile else model
@@ -337,6 +337,26 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
         spec=spec.model_dump(mode="json"),
     )
     return TrainResult(summary=json_safe(summary), logits=logits16)
+
+
+def ema_with_warmup(decay: float):
+    """EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)) over its n updates.
+
+    A fixed 0.99 would still carry the random initialisation after 100 steps, which is a whole short run;
+    the ramp lets the average follow early training and settle at `decay` once there is history.
+    """
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(ema_params[0]):  # AveragedModel groups tensors by dtype
+            torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        else:  # integer buffers (BatchNorm's step counter): follow the model
+            for e, p in zip(ema_params, params, strict=True):
+                e.copy_(p)
+
+    return update
 
 
 def _eval_model(model: nn.Module, ema: AveragedModel | None, swa: AveragedModel | None, *,
