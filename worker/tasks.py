@@ -20,7 +20,6 @@ from app.queue import TRAIN_TASK
 from app.submissions import runs
 from app.submissions.models import RunStatus
 from worker.celery_app import celery
-from worker.engine.report import json_safe
 
 log = logging.getLogger("hparena.worker")
 
@@ -62,9 +61,6 @@ class _Heartbeat(threading.Thread):
 
     def close(self) -> None:
         self._done.set()
-
-
-_json_safe = json_safe  # results are stored as strict JSON
 
 
 @celery.task(name=TRAIN_TASK, bind=True)
@@ -119,7 +115,7 @@ def train_run(self, run_id: int) -> str:
 
         # ---- run ------------------------------------------------------------------------------------------
         result = train(spec, data, device, on_event)
-        summary = _json_safe(result.summary)
+        summary = result.summary  # already strict JSON (NaN -> None) from the engine
 
         # ---- report ---------------------------------------------------------------------------------------
         status = RunStatus(summary["status"])
