@@ -19,8 +19,8 @@ from torch import nn
 import worker.engine.train as train_mod
 from worker.engine.config import Budget, ModelSpec, RunSpec, TrainConfig
 from worker.engine.data import Dataset, synthetic_dataset
-from worker.engine.train import EngineError, StopRequested, TrainResult, train
 from worker.engine.report import json_safe as _json_safe
+from worker.engine.train import EngineError, StopRequested, TrainResult, train
 
 N_TEST = 100
 SIZE = 16
