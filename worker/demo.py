@@ -20,10 +20,10 @@ from app.config import get_settings
 DEMO_SLUG = "cifar10-demo"
 DEMO_COMPETITION = {
     "slug": DEMO_SLUG,
-    "title": "CIFAR-10 demo: ResNet18 (width 16) on 2,500 images, 3 epochs",
-    "dataset": {"name": "cifar10", "image_size": 32, "train_subset": 2500, "test_subset": 1000},
+    "title": "CIFAR-10 demo: ResNet18 (width 16) on 5,000 images, 6 epochs",
+    "dataset": {"name": "cifar10", "image_size": 32, "train_subset": 5000, "test_subset": 1000},
     "model": {"arch": "resnet18", "width": 16},
-    "budget": {"max_epochs": 3, "max_seconds": 240},
+    "budget": {"max_epochs": 6, "max_seconds": 240},
     "hardware_class": "cpu",
     "search_space": {
         "lr": {"min": 0.0001, "max": 2.0},
@@ -86,7 +86,7 @@ def _setup(http: httpx.Client, admin: dict, entries: int, console: Console) -> l
         r.raise_for_status()
     submitted = []
     for name, team, config in EXAMPLES[:entries]:
-        j = http.post(f"/api/competitions/{DEMO_SLUG}/join", json={"name": name, "team": f"{team}-{int(time.time())}"})
+        j = http.post(f"/api/competitions/{DEMO_SLUG}/join", json={"name": name, "team": team})
         j.raise_for_status()
         headers = {"Authorization": f"Bearer {j.json()['token']}"}
         s = http.post(f"/api/competitions/{DEMO_SLUG}/submissions", json={"config": config}, headers=headers)
