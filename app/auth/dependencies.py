@@ -12,7 +12,10 @@ from app.auth.models import Role, User
 from app.auth.service import user_for_token
 from app.db import get_session
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit (and send queued Celery messages) before the response goes out. With the default
+# "request" scope FastAPI commits after sending, so a client could act on a 201 whose row isn't committed yet,
+# and a failed commit would follow a success response.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 _bearer = HTTPBearer(auto_error=False)
 
 

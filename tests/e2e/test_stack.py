@@ -144,8 +144,10 @@ def test_killed_worker_child_is_replaced_and_the_run_finishes_once(stack):
         assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
         token = http.post("/api/competitions/crash/join", json={"name": "s", "team": "t"}).json()["token"]
         student = {"Authorization": f"Bearer {token}"}
-        sid = http.post("/api/competitions/crash/submissions", json={"config": {"batch_size": 32, "epochs": 30}},
-                        headers=student).json()["id"]
+        r = http.post("/api/competitions/crash/submissions", json={"config": {"batch_size": 32, "epochs": 30}},
+                      headers=student)
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
 
         def first_epoch_written():
             run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
