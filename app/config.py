@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # A running run whose heartbeat is older than this is presumed dead; its redelivered message may retake it.
     stale_after_seconds: float = 60.0
     max_attempts: int = 3
+    # How often each worker's parent process reports to the fleet table and sweeps for stale runs.
+    sweep_seconds: float = 15.0
     # Redis redelivers unacked messages after this; it must exceed the longest training budget.
     visibility_timeout_seconds: int = 12 * 3600
 

@@ -14,8 +14,9 @@ from celery.signals import worker_ready, worker_shutdown
 
 from app.admin.service import remove_node, upsert_node
 from app.config import get_settings
-from app.db import session_scope
-from app.queue import get_celery
+from app.db import enqueue_after_commit, session_scope
+from app.queue import get_celery, send_train
+from app.submissions.runs import requeue_stale
 
 celery = get_celery()
 celery.conf.include = ["worker.tasks"]
@@ -36,13 +37,18 @@ def _announce(sender, **_):
     hostname, queues = sender.hostname, _queues(sender)
 
     def beat():
+        settings = get_settings()
         while not _stop.is_set():
             try:
                 with session_scope() as s:
                     upsert_node(s, hostname, queues)
+                    for run_id, queue in requeue_stale(s, stale_after=settings.stale_after_seconds,
+                                                       max_attempts=settings.max_attempts):
+                        log.warning("run %s lost its worker; requeued on %s", run_id, queue)
+                        enqueue_after_commit(s, lambda r=run_id, q=queue: send_train(r, q))
             except Exception:  # the database may be briefly unavailable; try again next beat
                 log.exception("fleet heartbeat failed")
-            _stop.wait(15)
+            _stop.wait(settings.sweep_seconds)
 
     threading.Thread(target=beat, name="hparena-fleet-heartbeat", daemon=True).start()
 

@@ -34,10 +34,10 @@ class RunStatus(StrEnum):
 
 TERMINAL = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.diverged, RunStatus.cancelled})
 # The state machine: queued -> running -> terminal; queued -> cancelled; a dead worker's running run may be
-# re-claimed (running -> running, with attempts + 1) or given up (running -> failed).
+# re-claimed (running -> running, with attempts + 1), swept back (running -> queued), or given up (-> failed).
 TRANSITIONS: dict[str, frozenset[str]] = {
     RunStatus.queued: frozenset({RunStatus.running, RunStatus.cancelled, RunStatus.failed}),
-    RunStatus.running: frozenset({RunStatus.running} | TERMINAL),
+    RunStatus.running: frozenset({RunStatus.running, RunStatus.queued} | TERMINAL),
     **{s: frozenset() for s in TERMINAL},
 }
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.competitions.models import Competition
 from app.db import utcnow
-from app.submissions.models import TERMINAL, EpochMetric, Run, RunLogits, RunStatus, Submission
+from app.submissions.models import TERMINAL, TRANSITIONS, EpochMetric, Run, RunLogits, RunStatus, Submission
 from app.submissions.service import lock_submission, refresh_submission
 
 
@@ -126,7 +126,8 @@ def finish(session: Session, c: Claim, status: RunStatus, **fields: Any) -> bool
 
 
 def _set_final(session: Session, run: Run, status: RunStatus, **fields: Any) -> None:
-    assert status in TERMINAL
+    if status not in TERMINAL or status not in TRANSITIONS[run.status]:
+        raise ValueError(f"run {run.id}: illegal transition {run.status} -> {status}")
     logits = fields.pop("logits", None)
     for k, v in fields.items():
         setattr(run, k, v)
@@ -138,3 +139,37 @@ def _set_final(session: Session, run: Run, status: RunStatus, **fields: Any) -> 
         session.merge(RunLogits(run_id=run.id, rows=logits.shape[0], cols=logits.shape[1], dtype="float16",
                                 data=logits.numpy().tobytes()))
     refresh_submission(session, run.submission_id)
+
+
+def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) -> list[tuple[int, str]]:
+    """Runs whose worker vanished (no heartbeat for `stale_after`) go back to queued, or fail for good.
+
+    This covers what the broker cannot: a whole worker node lost with its unacked message (the filesystem
+    broker never redelivers; Redis only after the visibility timeout). The guarded UPDATE makes the
+    sweep safe to run from every worker at once: only one of them wins each run. Returns the
+    (run_id, queue) pairs to send a fresh message for.
+    """
+    stale = utcnow() - timedelta(seconds=stale_after)
+    candidates = session.execute(
+        select(Run.id, Run.submission_id, Run.queue, Run.attempts, Run.worker_hostname)
+        .where(Run.status == RunStatus.running, Run.heartbeat_at < stale)
+    ).all()
+    requeued = []
+    for run_id, submission_id, queue, attempts, host in candidates:
+        lock_submission(session, submission_id)
+        guard = (Run.id == run_id) & (Run.status == RunStatus.running) & (Run.attempts == attempts) \
+            & (Run.heartbeat_at < stale)
+        if attempts >= max_attempts:
+            won = session.execute(update(Run).where(guard).values(
+                status=RunStatus.failed, finished_at=utcnow(),
+                error=f"worker lost {attempts} times (last on {host}); giving up",
+            ).execution_options(synchronize_session=False)).rowcount
+        else:
+            won = session.execute(update(Run).where(guard).values(
+                status=RunStatus.queued, error=f"worker {host} stopped heartbeating; requeued",
+            ).execution_options(synchronize_session=False)).rowcount
+            if won:
+                requeued.append((run_id, queue))
+        if won:
+            refresh_submission(session, submission_id)
+    return requeued

@@ -49,6 +49,8 @@ def stack(request, tmp_path, tiny_cifar):
         "HPARENA_HARDWARE_CLASS": hw,
         "HPARENA_DEVICE": "cpu",
         "HPARENA_HEARTBEAT_SECONDS": "1",
+        "HPARENA_STALE_AFTER_SECONDS": "6",
+        "HPARENA_SWEEP_SECONDS": "1",
     }
     port = _free_port()
     from app import migrate
@@ -63,7 +65,13 @@ def stack(request, tmp_path, tiny_cifar):
         procs.append(spawn([sys.executable, "-m", "worker.cli", "worker", "--hostname", f"{hw}@%h"],
                            tmp_path / "worker.log"))
         wait_http(f"http://127.0.0.1:{port}/api/health")
-        yield {"url": f"http://127.0.0.1:{port}", "hw": hw, "tiny": tiny_cifar, "logs": tmp_path, "procs": procs}
+        def start_worker(name: str):
+            procs.append(spawn([sys.executable, "-m", "worker.cli", "worker", "--hostname", f"{name}@%h"],
+                               tmp_path / f"{name}.log"))
+            return procs[-1]
+
+        yield {"url": f"http://127.0.0.1:{port}", "hw": hw, "tiny": tiny_cifar, "logs": tmp_path, "procs": procs,
+               "start_worker": start_worker}
     finally:
         for p in procs:
             stop(p)
@@ -171,3 +179,48 @@ def test_killed_worker_child_is_replaced_and_the_run_finishes_once(stack):
         assert [e["epoch"] for e in run["epochs"]] == list(range(1, 31))
         board = http.get("/api/competitions/crash/leaderboard").json()["entries"]
         assert len(board) == 1 and board[0]["submission_id"] == sid
+
+
+def test_whole_worker_lost_its_run_is_swept_back_and_a_new_worker_finishes_it(stack):
+    """SIGKILL the worker's whole process group (parent and child): its unacked message is gone with it
+    (the filesystem broker never redelivers, Redis only after the visibility timeout). A second worker's
+    sweep sees the stale heartbeat, requeues the run and trains it: one result, attempt 2."""
+    import signal
+
+    admin = {"Authorization": "Bearer e2e-admin-token"}
+    with httpx.Client(base_url=stack["url"], timeout=30) as http:
+        org = {"Authorization": "Bearer " + http.post("/api/admin/users", json={"name": "o", "role": "organizer"},
+                                                      headers=admin).json()["token"]}
+        comp = {"slug": "lost", "title": "lost", "hardware_class": stack["hw"], "seeds": [0],
+                "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
+                "budget": {"max_epochs": 30}}
+        assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
+        token = http.post("/api/competitions/lost/join", json={"name": "s", "team": "t"}).json()["token"]
+        student = {"Authorization": f"Bearer {token}"}
+        r = http.post("/api/competitions/lost/submissions", json={"config": {"batch_size": 32, "epochs": 30}},
+                      headers=student)
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+
+        def running():
+            run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
+            return run if run["epochs"] else None
+
+        _wait(running, 180, "the first epoch", stack["logs"])
+        first = [p for p in stack["procs"] if "worker.cli" in " ".join(p.args)][0]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        stack["start_worker"]("rescuer")
+
+        def finished():
+            d = http.get(f"/api/submissions/{sid}", headers=student).json()
+            return d if d["status"] not in ("queued", "running") else None
+
+        detail = _wait(finished, 300, "the swept run to finish", stack["logs"])
+        run = detail["runs"][0]
+        assert detail["status"] == "succeeded", detail
+        assert run["attempts"] == 2 and run["worker_hostname"].startswith("rescuer@")
+        assert [e["epoch"] for e in run["epochs"]] == list(range(1, 31))
+        states = {w["hostname"].split("@")[0]: w["state"] for w in
+                  http.get("/api/admin/workers", headers=admin).json()["workers"]}
+        assert states["rescuer"] == "idle"

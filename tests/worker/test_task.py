@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from app.db import session_scope, utcnow
 from app.submissions import runs as run_service
-from app.submissions.models import EpochMetric, Run, RunLogits
+from app.submissions.models import EpochMetric, Run, RunLogits, RunStatus
 from tests.factories import join, make_competition, make_organizer
 
 pytestmark = pytest.mark.slow
@@ -115,8 +115,6 @@ def test_stale_running_run_is_reclaimed_and_old_worker_is_fenced_off(client, db,
     run = db.get(Run, run_id)
     assert run.attempts == 2 and run.worker_hostname != "dead-worker"
     with session_scope() as s:  # the presumed-dead worker wakes up and tries to report: refused
-        from app.submissions.models import RunStatus
-
         assert run_service.finish(s, dead, RunStatus.failed, error="late") is False
     db.expire_all()
     assert db.get(Run, run_id).status == "succeeded"
@@ -136,6 +134,42 @@ def test_run_left_running_by_a_dead_child_of_this_worker_is_retaken_at_once(clie
     assert _apply(run_id) == "succeeded"
     db.expire_all()
     assert db.get(Run, run_id).attempts == 2
+
+
+def test_sweep_requeues_a_run_whose_worker_vanished_then_it_trains(client, db, contest, settings_env):
+    comp, student = contest()
+    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    (run_id,) = _run_ids(db, sub["id"])
+    with session_scope() as s:
+        gone = run_service.claim(s, run_id, "gone-node", stale_after=60, max_attempts=3)
+    with session_scope() as s:  # fresh heartbeat: nothing to sweep
+        assert run_service.requeue_stale(s, stale_after=60, max_attempts=3) == []
+        s.execute(update(Run).where(Run.id == run_id).values(heartbeat_at=utcnow() - timedelta(minutes=5)))
+    with session_scope() as s:
+        assert run_service.requeue_stale(s, stale_after=60, max_attempts=3) == [(run_id, "train.cpu")]
+    with session_scope() as s:  # a second sweeper finds nothing left to do
+        assert run_service.requeue_stale(s, stale_after=60, max_attempts=3) == []
+    detail = client.get(f"/api/submissions/{sub['id']}", headers=student).json()
+    assert detail["status"] == "queued" and "gone-node stopped heartbeating" in detail["runs"][0]["error"]
+    assert _apply(run_id) == "succeeded"
+    db.expire_all()
+    run = db.get(Run, run_id)
+    assert run.attempts == 2 and run.error is None
+    with session_scope() as s:
+        assert run_service.finish(s, gone, RunStatus.failed, error="late") is False
+
+
+def test_sweep_gives_up_after_max_attempts(client, db, contest):
+    comp, student = contest()
+    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    (run_id,) = _run_ids(db, sub["id"])
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(
+            status="running", attempts=3, worker_hostname="w3", heartbeat_at=utcnow() - timedelta(hours=1)))
+    with session_scope() as s:
+        assert run_service.requeue_stale(s, stale_after=60, max_attempts=3) == []
+    detail = client.get(f"/api/submissions/{sub['id']}", headers=student).json()
+    assert detail["status"] == "failed" and "worker lost 3 times (last on w3)" in detail["error"]
 
 
 def test_worker_lost_too_often_fails_with_reason(client, db, contest):
