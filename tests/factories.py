@@ -46,10 +46,11 @@ def make_competition(client, organizer_headers, **overrides) -> dict:
     return r.json()
 
 
-def join(client, slug, name="alice", team=None) -> dict[str, str]:
-    r = client.post(f"/api/competitions/{slug}/join", json={"name": name, "team": team or f"team-{name}"})
+def join(client, slug, name="alice", team=None, invite_code=None) -> dict[str, str]:
+    body = {"name": name, "team": team or f"team-{name}", "invite_code": invite_code}
+    r = client.post(f"/api/competitions/{slug}/join", json=body)
     assert r.status_code == 201, r.text
-    return {"Authorization": f"Bearer {r.json()['token']}"}
+    return {"Authorization": f"Bearer {r.json()['token']}", "X-Invite-Code": r.json()["invite_code"]}
 
 
 # ---- model factories (set `_meta.sqlalchemy_session` via `bind(session)`) -------------------------------
@@ -91,6 +92,7 @@ class TeamFactory(_Base):
     competition = factory.SubFactory(CompetitionFactory)
     competition_id = factory.SelfAttribute("competition.id")
     name = factory.Sequence(lambda n: f"team{n}")
+    invite_code = factory.Sequence(lambda n: f"code{n}")
 
     @classmethod
     def _create(cls, model_class, *args, **kwargs):

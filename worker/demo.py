@@ -87,6 +87,9 @@ def _setup(http: httpx.Client, admin: dict, entries: int, console: Console) -> l
     submitted = []
     for name, team, config in EXAMPLES[:entries]:
         j = http.post(f"/api/competitions/{DEMO_SLUG}/join", json={"name": name, "team": team})
+        if j.status_code == 403:  # an earlier demo run made this team: start a fresh one beside it
+            team = f"{team}-{int(time.time()) % 100000}"
+            j = http.post(f"/api/competitions/{DEMO_SLUG}/join", json={"name": name, "team": team})
         j.raise_for_status()
         headers = {"Authorization": f"Bearer {j.json()['token']}"}
         s = http.post(f"/api/competitions/{DEMO_SLUG}/submissions", json={"config": config}, headers=headers)

@@ -40,6 +40,8 @@ class Team(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100))
+    # Team names are public (leaderboard); joining an existing team takes this secret from a member.
+    invite_code: Mapped[str] = mapped_column(String(64))
 
 
 class Membership(TimestampMixin, Base):

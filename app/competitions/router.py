@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, HTTPException, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 
@@ -39,6 +39,10 @@ def join_competition(
 ):
     """Join a team (created if new). Without a token a new participant is created and its token returned."""
     comp = service.get_competition(session, slug)
-    caller = user_for_token(session, creds.credentials) if creds else None
-    user, team, token = service.join(session, comp, data.name, data.team, caller)
-    return JoinOut(user_id=user.id, team_id=team.id, team=team.name, token=token)
+    caller = None
+    if creds is not None:
+        caller = user_for_token(session, creds.credentials)
+        if caller is None:  # a typo'd token must not silently mint a second identity
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+    user, team, token = service.join(session, comp, data.name, data.team, data.invite_code, caller)
+    return JoinOut(user_id=user.id, team_id=team.id, team=team.name, invite_code=team.invite_code, token=token)

@@ -69,10 +69,12 @@ class JoinRequest(BaseModel):
 
     name: str = Field(min_length=1, max_length=100, description="Your display name.")
     team: str = Field(min_length=1, max_length=100, description="Team to create or join.")
+    invite_code: str | None = Field(None, max_length=64, description="Needed to join an existing team.")
 
 
 class JoinOut(BaseModel):
     user_id: int
     team_id: int
     team: str
+    invite_code: str = Field(description="Share with teammates: joining this team requires it.")
     token: str | None = Field(None, description="Bearer token for a new participant; shown only once.")

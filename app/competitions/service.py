@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import secrets
+
 from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -43,20 +45,24 @@ def create_competition(session: Session, data: CompetitionCreate, creator: User 
     return comp
 
 
-def join(session: Session, comp: Competition, name: str, team_name: str, user: User | None
-         ) -> tuple[User, Team, str | None]:
-    """Put a participant (new, or the caller) into a team, creating the team if needed."""
-    token = None
-    if user is None:
-        user, token = create_user(session, name, Role.participant)
-    elif session.scalar(select(Membership.id).where(Membership.user_id == user.id,
-                                                      Membership.competition_id == comp.id)):
+def join(session: Session, comp: Competition, name: str, team_name: str, invite_code: str | None,
+         user: User | None) -> tuple[User, Team, str | None]:
+    """Put a participant (new, or the caller) into a team: a new team is created with a fresh invite
+    code; an existing one needs that code."""
+    if user is not None and session.scalar(select(Membership.id).where(Membership.user_id == user.id,
+                                                                       Membership.competition_id == comp.id)):
         raise HTTPException(status.HTTP_409_CONFLICT, "you already joined this competition")
     team = session.scalar(select(Team).where(Team.competition_id == comp.id, Team.name == team_name))
     if team is None:
-        team = Team(competition_id=comp.id, name=team_name)
+        team = Team(competition_id=comp.id, name=team_name, invite_code=secrets.token_urlsafe(12))
         session.add(team)
         session.flush()
+    elif invite_code is None or not secrets.compare_digest(invite_code, team.invite_code):
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"team {team_name!r} already exists: joining it needs its invite_code from a member")
+    token = None
+    if user is None:
+        user, token = create_user(session, name, Role.participant)
     session.add(Membership(user_id=user.id, team_id=team.id, competition_id=comp.id))
     session.flush()
     return user, team, token

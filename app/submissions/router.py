@@ -47,6 +47,6 @@ def _detail(session, sub: Submission) -> SubmissionDetail:
     for r in sub.runs:
         detail = RunDetail.model_validate(r)
         detail.epochs = [EpochOut.model_validate(e) for e in epochs if e.run_id == r.id]
-        detail.result = r.result
+        detail.result = service.participant_view(r.result)
         runs.append(detail)
     return SubmissionDetail(**SubmissionOut.model_validate(sub).model_dump(), runs=runs)

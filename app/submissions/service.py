@@ -153,3 +153,17 @@ def refresh_submission(session: Session, submission_id: int) -> Submission:
 
 def count_submissions(session: Session, competition_id: int) -> int:
     return session.scalar(select(func.count(Submission.id)).where(Submission.competition_id == competition_id))
+
+
+PRIVATE_KEYS = ("private_accuracy", "accuracy_all")
+
+
+def participant_view(result: dict | None) -> dict | None:
+    """The engine's result without anything computed on the private test half, which participants must
+    not see (tuning against it would defeat the private board)."""
+    if result is None:
+        return None
+    out = {k: v for k, v in result.items() if k not in PRIVATE_KEYS}
+    if isinstance(out.get("metrics"), dict):
+        out["metrics"] = {k: v for k, v in out["metrics"].items() if k not in ("private",) + PRIVATE_KEYS}
+    return out

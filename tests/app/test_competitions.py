@@ -45,9 +45,16 @@ def test_bad_competition_definitions_name_the_field(client, admin_headers):
 def test_join_gives_token_and_teammates_share_a_team(client, admin_headers):
     org = make_organizer(client, admin_headers)
     comp = make_competition(client, org)
-    r1 = client.post(f"/api/competitions/{comp['slug']}/join", json={"name": "ann", "team": "owls"})
-    r2 = client.post(f"/api/competitions/{comp['slug']}/join", json={"name": "bob", "team": "owls"})
-    assert r1.status_code == r2.status_code == 201
+    url = f"/api/competitions/{comp['slug']}/join"
+    r1 = client.post(url, json={"name": "ann", "team": "owls"})
+    assert r1.status_code == 201
+    code = r1.json()["invite_code"]
+    # Team names are public on the leaderboard: the name alone doesn't get anyone in.
+    r = client.post(url, json={"name": "eve", "team": "owls"})
+    assert r.status_code == 403 and "invite_code" in r.json()["detail"]
+    assert client.post(url, json={"name": "eve", "team": "owls", "invite_code": "guess"}).status_code == 403
+    r2 = client.post(url, json={"name": "bob", "team": "owls", "invite_code": code})
+    assert r2.status_code == 201
     assert r1.json()["team_id"] == r2.json()["team_id"]
     assert r1.json()["token"] != r2.json()["token"]
     # An existing participant joins with their token; joining twice conflicts.
@@ -56,3 +63,6 @@ def test_join_gives_token_and_teammates_share_a_team(client, admin_headers):
                         headers=headers)
     assert again.status_code == 409
     assert client.post("/api/competitions/nope/join", json={"name": "x", "team": "y"}).status_code == 404
+    # A wrong token is refused, not silently turned into a new participant.
+    r = client.post(url, json={"name": "x", "team": "z"}, headers={"Authorization": "Bearer typo"})
+    assert r.status_code == 401

@@ -122,7 +122,7 @@ def test_participants_see_only_their_team(client, admin_headers):
     mallory = join(client, comp["slug"], name="mallory")
     assert client.get(f"/api/submissions/{sub['id']}", headers=mallory).status_code == 404
     assert client.post(f"/api/submissions/{sub['id']}/cancel", headers=mallory).status_code == 404
-    teammate = join(client, comp["slug"], name="carol", team="team-alice")
+    teammate = join(client, comp["slug"], name="carol", team="team-alice", invite_code=alice["X-Invite-Code"])
     assert client.get(f"/api/submissions/{sub['id']}", headers=teammate).status_code == 200
     assert client.get("/api/submissions/99999", headers=alice).status_code == 404
 

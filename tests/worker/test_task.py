@@ -65,6 +65,9 @@ def test_task_trains_and_reports_to_the_leaderboard(client, db, contest):
         assert run["result"]["stop_reason"] == "completed"
         assert run["result"]["spec"]["seed"] == run["seed"]
         assert run["result"]["spec"]["deterministic"] is False
+        # Nothing computed on the private test half reaches participants.
+        assert "private_accuracy" not in run["result"] and "private" not in run["result"]["metrics"]
+        assert "accuracy_all" not in run["result"]["metrics"] and "public" in run["result"]["metrics"]
     mean_acc = sum(r["accuracy"] for r in detail["runs"]) / 2
     assert detail["accuracy"] == pytest.approx(mean_acc)
 

@@ -57,11 +57,12 @@ class TrainResult:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"device {device!r} requested but CUDA is not available on this machine")
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device {device!r} requested but CUDA is not available on this machine")
+        if dev.index is None:  # set_device and memory stats need an index: the process's current GPU
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -348,9 +349,10 @@ def ema_with_warmup(decay: float):
 
     @torch.no_grad()
     def update(ema_params, params, num_averaged):
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
         if torch.is_floating_point(ema_params[0]):  # AveragedModel groups tensors by dtype
+            # The ramp stays a device tensor: reading num_averaged back would sync the GPU every step.
+            n = num_averaged.to(ema_params[0].dtype)
+            d = torch.clamp((1.0 + n) / (10.0 + n), max=decay)
             torch._foreach_lerp_(ema_params, params, 1.0 - d)
         else:  # integer buffers (BatchNorm's step counter): follow the model
             for e, p in zip(ema_params, params, strict=True):
