@@ -71,6 +71,12 @@ def session_factory() -> sessionmaker[Session]:
     return _sessionmaker(get_settings().database_url)
 
 
+def dispose_after_fork() -> None:
+    """In a forked child: drop the pool inherited from the parent without closing the parent's sockets."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
 def enqueue_after_commit(session: Session, send: Callable[[], None]) -> None:
     session.info.setdefault("after_commit", []).append(send)
 

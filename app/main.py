@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.exc import IntegrityError
 
 from app.admin.router import router as admin_router
 from app.auth.service import ensure_admin
@@ -18,8 +19,11 @@ from app.submissions.router import router as submissions_router
 @asynccontextmanager
 async def lifespan(_app: FastAPI):
     settings = get_settings()  # validated at start-up: production refuses default secrets
-    with session_scope() as s:
-        ensure_admin(s, settings.admin_token)
+    try:
+        with session_scope() as s:
+            ensure_admin(s, settings.admin_token)
+    except IntegrityError:  # another API process (uvicorn --workers N) bootstrapped it at the same moment
+        pass
     yield
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from app.admin.service import remove_node, upsert_node
 from app.config import get_settings
-from app.db import enqueue_after_commit, session_scope
+from app.db import dispose_after_fork, enqueue_after_commit, session_scope
 from app.queue import get_celery, send_train
 from app.submissions.runs import requeue_stale
 
@@ -30,6 +30,13 @@ def _queues(sender) -> str:
         return ",".join(q.name for q in sender.app.amqp.queues.consume_from.values())
     except Exception:
         return get_settings().queue_for(get_settings().hardware_class)
+
+
+@worker_process_init.connect
+def _fresh_connections(**_):
+    # The parent's heartbeat thread opened pooled connections before forking this child; two processes
+    # must never share one database socket.
+    dispose_after_fork()
 
 
 @worker_ready.connect

@@ -175,8 +175,9 @@ def worker(
 
     argv = ["worker", "-Q", get_settings().queue_for(hc), "--concurrency", "1", "--pool", "prefork",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
-    if hostname:
-        argv += ["--hostname", hostname]
+    # Unique per process by default: two workers on one host must never share a node name (the claim
+    # treats a run "running on my hostname" as left behind by this worker's own dead child).
+    argv += ["--hostname", hostname or f"{hc}-{os.getpid()}@%h"]
     celery.worker_main(argv)
 
 

@@ -13,6 +13,8 @@ import time
 import traceback
 from functools import lru_cache
 
+from sqlalchemy.exc import OperationalError
+
 from app.admin.service import upsert_node
 from app.config import get_settings
 from app.db import session_scope
@@ -71,9 +73,13 @@ def train_run(self, run_id: int) -> str:
     queue = delivery.get("routing_key") or settings.queue_for(settings.hardware_class)
 
     # ---- claim ----------------------------------------------------------------------------------------
-    with session_scope() as s:
-        claim = runs.claim(s, run_id, hostname, stale_after=settings.stale_after_seconds,
-                           max_attempts=settings.max_attempts)
+    try:
+        with session_scope() as s:
+            claim = runs.claim(s, run_id, hostname, stale_after=settings.stale_after_seconds,
+                               max_attempts=settings.max_attempts)
+    except OperationalError as e:  # database briefly unreachable or locked: the message must not be lost
+        log.warning("run %s: database unavailable at claim (%s); retrying", run_id, e)
+        raise self.retry(countdown=10, max_retries=None) from e
     if isinstance(claim, runs.Busy) and not self.request.is_eager:
         # Keep the message alive: if that worker dies without a trace, this copy retakes the run once its
         # heartbeat is stale; if it finishes, this copy finds the run done and goes away.

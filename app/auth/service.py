@@ -30,11 +30,16 @@ def user_for_token(session: Session, token: str) -> User | None:
     return session.scalar(select(User).where(User.token_hash == hash_token(token)))
 
 
+BOOTSTRAP_ADMIN = "bootstrap-admin"
+
+
 def ensure_admin(session: Session, token: str) -> User:
-    """The bootstrap admin from HPARENA_ADMIN_TOKEN, created on first start."""
-    user = user_for_token(session, token)
+    """The one bootstrap admin, keyed to HPARENA_ADMIN_TOKEN: rotating the setting revokes the old token."""
+    user = session.scalar(select(User).where(User.name == BOOTSTRAP_ADMIN, User.role == Role.admin))
     if user is None:
-        user = User(name="admin", role=Role.admin, token_hash=hash_token(token))
+        user = User(name=BOOTSTRAP_ADMIN, role=Role.admin, token_hash=hash_token(token))
         session.add(user)
-        session.flush()
+    else:
+        user.token_hash = hash_token(token)
+    session.flush()
     return user

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from worker.engine.config import Budget, Choices, DataSpec, ModelSpec, Range, effective_space
 
@@ -25,10 +25,16 @@ class CompetitionCreate(BaseModel):
     )
     submission_quota: int | None = Field(None, ge=1, le=100000)
     quota_window_hours: float | None = Field(None, gt=0, le=24 * 365)
-    starts_at: datetime | None = None
-    deadline: datetime | None = None
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=16)
+    starts_at: AwareDatetime | None = Field(None, description="With a UTC offset, e.g. 2026-12-01T09:00:00Z")
+    deadline: AwareDatetime | None = Field(None, description="With a UTC offset, e.g. 2026-12-15T17:00:00+01:00")
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
+                                                                  max_length=16)
     deterministic: bool = Field(False, description="Deterministic kernels (slower; bitwise-reproducible runs).")
+
+    @field_validator("starts_at", "deadline")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return v.astimezone(UTC) if v else v  # SQLite keeps no offset: store every time in UTC
 
     @field_validator("search_space")
     @classmethod

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
 from sqlalchemy import select
 
 from app.auth.dependencies import CurrentUser, SessionDep
@@ -10,6 +12,7 @@ from app.submissions.models import EpochMetric, Submission
 from app.submissions.schemas import EpochOut, RunDetail, SubmissionCreate, SubmissionDetail, SubmissionOut
 
 router = APIRouter(prefix="/api", tags=["submissions"])
+SubmissionId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 @router.post("/competitions/{slug}/submissions", response_model=SubmissionOut,
@@ -29,13 +32,13 @@ def my_submissions(session: SessionDep, user: CurrentUser, competition: str | No
 
 
 @router.get("/submissions/{submission_id}", response_model=SubmissionDetail)
-def get_submission(submission_id: int, session: SessionDep, user: CurrentUser):
+def get_submission(submission_id: SubmissionId, session: SessionDep, user: CurrentUser):
     sub = service.get_own_submission(session, user, submission_id)
     return _detail(session, sub)
 
 
 @router.post("/submissions/{submission_id}/cancel", response_model=SubmissionDetail)
-def cancel_submission(submission_id: int, session: SessionDep, user: CurrentUser):
+def cancel_submission(submission_id: SubmissionId, session: SessionDep, user: CurrentUser):
     sub = service.get_own_submission(session, user, submission_id)
     return _detail(session, service.cancel(session, sub))
 

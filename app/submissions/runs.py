@@ -62,12 +62,15 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
         presumed_dead = run.heartbeat_at is not None and (_aware(run.heartbeat_at) < stale
                                                           or run.worker_hostname == hostname)
         if run.status == RunStatus.running and run.attempts >= max_attempts and presumed_dead:
-            _set_final(session, run, RunStatus.failed,
-                       error=f"worker lost {run.attempts} times (last on {run.worker_hostname}); giving up")
+            gone = Claim(run_id=run.id, attempt=run.attempts, seed=run.seed, config={}, competition={})
+            finish(session, gone, RunStatus.failed,
+                   error=f"worker lost {run.attempts} times (last on {run.worker_hostname}); giving up")
             return "gave up after too many lost workers"
         if run.status == RunStatus.running:
             return Busy(f"run is running on {run.worker_hostname}")
         return f"run is {run.status}"
+    # A retried attempt starts its curve afresh; the earlier attempt's rows would mix into it.
+    session.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id))
     refresh_submission(session, run.submission_id)
     sub = session.get(Submission, run.submission_id)
     comp = session.get(Competition, sub.competition_id)
@@ -116,29 +119,25 @@ def _finite(v: float | None) -> float | None:
 
 def finish(session: Session, c: Claim, status: RunStatus, **fields: Any) -> bool:
     """Write the final state; False if this worker no longer owns the run (cancelled or superseded)."""
+    if status not in TERMINAL or status not in TRANSITIONS[RunStatus.running]:
+        raise ValueError(f"run {c.run_id}: a worker can't move a running run to {status}")
     run = session.get(Run, c.run_id)
     lock_submission(session, run.submission_id)
-    session.refresh(run)
-    if run.attempts != c.attempt or run.status != RunStatus.running:
-        return False
-    _set_final(session, run, status, **fields)
-    return True
-
-
-def _set_final(session: Session, run: Run, status: RunStatus, **fields: Any) -> None:
-    if status not in TERMINAL or status not in TRANSITIONS[run.status]:
-        raise ValueError(f"run {run.id}: illegal transition {run.status} -> {status}")
     logits = fields.pop("logits", None)
-    for k, v in fields.items():
-        setattr(run, k, v)
-    run.status = status
-    run.finished_at = utcnow()
-    if status == RunStatus.succeeded:
-        run.progress = 1.0
+    # Guarded by status and attempt in the UPDATE itself: on SQLite the lock above is no lock, so a cancel
+    # or a reclaim committed a moment ago must make this write a no-op rather than be overwritten.
+    written = session.execute(
+        update(Run).where(_fenced(c)).values(status=status, finished_at=utcnow(), **fields,
+                                             **({"progress": 1.0} if status == RunStatus.succeeded else {}))
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not written:
+        return False
     if logits is not None:
-        session.merge(RunLogits(run_id=run.id, rows=logits.shape[0], cols=logits.shape[1], dtype="float16",
+        session.merge(RunLogits(run_id=c.run_id, rows=logits.shape[0], cols=logits.shape[1], dtype="float16",
                                 data=logits.numpy().tobytes()))
     refresh_submission(session, run.submission_id)
+    return True
 
 
 def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) -> list[tuple[int, str]]:

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.auth.models import User
-from app.competitions.models import Competition, Membership
+from app.competitions.models import Competition, Membership, Team
 from app.config import get_settings
 from app.db import enqueue_after_commit, utcnow
 from app.queue import send_train
@@ -38,6 +38,8 @@ def check_open(comp: Competition, now: datetime) -> None:
 def check_quota(session: Session, comp: Competition, team_id: int, now: datetime) -> None:
     if comp.submission_quota is None:
         return
+    # Serialise a team's concurrent submissions (PostgreSQL) so parallel POSTs can't all fit one last slot.
+    session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
     q = select(Submission.created_at).where(Submission.team_id == team_id).order_by(Submission.created_at)
     if comp.quota_window_hours:
         q = q.where(Submission.created_at > now - timedelta(hours=comp.quota_window_hours))

@@ -66,3 +66,36 @@ def test_join_gives_token_and_teammates_share_a_team(client, admin_headers):
     # A wrong token is refused, not silently turned into a new participant.
     r = client.post(url, json={"name": "x", "team": "z"}, headers={"Authorization": "Bearer typo"})
     assert r.status_code == 401
+
+
+def test_dates_need_an_offset_and_are_kept_in_utc(client, admin_headers):
+    org = make_organizer(client, admin_headers)
+    r = client.post("/api/competitions", json=competition_payload(deadline="2030-01-01T12:00:00"), headers=org)
+    assert r.status_code == 422 and "deadline" in r.text
+    comp = make_competition(client, org, deadline="2030-01-01T12:00:00+02:00")
+    assert comp["deadline"].startswith("2030-01-01T10:00:00")
+
+
+def test_search_space_rules_are_checked_when_the_competition_is_made(client, admin_headers):
+    org = make_organizer(client, admin_headers)
+    for space, word in [({"compile": {"max": 0}}, "not numeric"), ({"lr": {"min": 1, "max": 0.1}}, "min"),
+                        ({"optimizer": {"choices": ["lion"]}}, "optimizer")]:
+        r = client.post("/api/competitions", json=competition_payload(search_space=space), headers=org)
+        assert r.status_code == 422 and word in r.text, (space, r.text)
+    r = client.post("/api/competitions", json=competition_payload(seeds=[2**31]), headers=org)
+    assert r.status_code == 422 and "seeds" in r.text
+
+
+def test_rotating_the_admin_token_revokes_the_old_one(client, admin_headers, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from app.config import get_settings
+    from app.main import create_app
+
+    assert client.get("/api/admin/workers", headers=admin_headers).status_code == 200
+    monkeypatch.setenv("HPARENA_ADMIN_TOKEN", "rotated-admin-token")
+    get_settings.cache_clear()
+    with TestClient(create_app()) as restarted:
+        assert restarted.get("/api/admin/workers", headers=admin_headers).status_code == 401
+        new = {"Authorization": "Bearer rotated-admin-token"}
+        assert restarted.get("/api/admin/workers", headers=new).status_code == 200

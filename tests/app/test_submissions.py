@@ -133,3 +133,9 @@ def test_openapi_publishes_the_hyperparameter_schema(client):
     assert schema["additionalProperties"] is False
     assert schema["properties"]["label_smoothing"]["maximum"] == 0.5
     assert set(schema["properties"]["optimizer"]["enum"]) == {"sgd", "adam", "adamw"}
+
+
+def test_absurd_submission_ids_are_a_422_not_a_crash(client, admin_headers):
+    _, student = _setup(client, admin_headers)
+    assert client.get("/api/submissions/100000000000000000000", headers=student).status_code == 422
+    assert client.get("/api/submissions/0", headers=student).status_code == 422

@@ -122,6 +122,11 @@ class TrainConfig(_Strict):
 
 
 HYPERPARAMETERS: tuple[str, ...] = tuple(TrainConfig.model_fields)
+# Fields a {min, max} range applies to (ints and floats, optional or not; not bools, literals or lists).
+NUMERIC: frozenset[str] = frozenset(
+    name for name, f in TrainConfig.model_fields.items()
+    if str(f.annotation) in ("<class 'int'>", "<class 'float'>", "int | None", "float | None")
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,12 +195,21 @@ def effective_space(space: dict[str, Any] | None) -> dict[str, Range | Choices]:
     for name, rule in (space or {}).items():
         if name not in TrainConfig.model_fields:
             raise ValueError(f"search space names unknown hyperparameter {name!r}")
-        if isinstance(rule, Range | Choices):
-            out[name] = rule
-        elif isinstance(rule, dict) and "choices" in rule:
-            out[name] = Choices.model_validate(rule)
+        if not isinstance(rule, Range | Choices):
+            rule = Choices.model_validate(rule) if isinstance(rule, dict) and "choices" in rule \
+                else Range.model_validate(rule)
+        if isinstance(rule, Range):
+            if name not in NUMERIC:
+                raise ValueError(f"{name!r} is not numeric: restrict it with {{'choices': [...]}}, not a range")
+            if rule.min is not None and rule.max is not None and rule.min > rule.max:
+                raise ValueError(f"search space for {name!r} has min {rule.min} > max {rule.max}")
         else:
-            out[name] = Range.model_validate(rule)
+            try:  # every listed choice must itself be a valid value, or no submission could ever pass
+                for choice in rule.choices:
+                    TrainConfig.model_validate({name: choice})
+            except ValueError as e:
+                raise ValueError(f"search space for {name!r} lists a value the engine rejects: {e}") from None
+        out[name] = rule
     return out
 
 
