@@ -39,9 +39,18 @@ class TimestampMixin:
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
 
-@lru_cache(maxsize=8)
+_ENGINES: dict[str, Engine] = {}
+
+
 def get_engine(url: str | None = None) -> Engine:
+    """One engine (and pool) per URL per process."""
     url = url or get_settings().database_url
+    if url not in _ENGINES:
+        _ENGINES[url] = _make_engine(url)
+    return _ENGINES[url]
+
+
+def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -71,10 +80,18 @@ def session_factory() -> sessionmaker[Session]:
     return _sessionmaker(get_settings().database_url)
 
 
+def close_engine(url: str) -> None:
+    """Close a URL's pool (before dropping its database, say)."""
+    engine = _ENGINES.pop(url, None)
+    if engine is not None:
+        engine.dispose()
+    _sessionmaker.cache_clear()
+
+
 def dispose_after_fork() -> None:
     """In a forked child: drop the pool inherited from the parent without closing the parent's sockets."""
-    if get_engine.cache_info().currsize:
-        get_engine().dispose(close=False)
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)
 
 
 def enqueue_after_commit(session: Session, send: Callable[[], None]) -> None:

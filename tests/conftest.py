@@ -61,9 +61,9 @@ def _pg_database(name: str) -> str:
 
 
 def _drop_pg_database(name: str) -> None:
-    from app.db import get_engine
+    from app.db import close_engine
 
-    get_engine.cache_clear()
+    close_engine(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
