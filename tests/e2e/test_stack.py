@@ -136,26 +136,33 @@ def test_submission_goes_through_a_real_worker_onto_the_leaderboard(stack):
         assert q[f"train.{stack['hw']}"]["broker_messages"] in (0, None)
 
 
+ADMIN = {"Authorization": "Bearer e2e-admin-token"}
+
+
+def _long_submission(http: httpx.Client, stack: dict, slug: str) -> tuple[dict, int]:
+    """A competition whose one run trains 30 short epochs, and a submission to it: (student headers, id)."""
+    org = {"Authorization": "Bearer " + http.post("/api/admin/users", json={"name": "o", "role": "organizer"},
+                                                  headers=ADMIN).json()["token"]}
+    comp = {"slug": slug, "title": slug, "hardware_class": stack["hw"], "seeds": [0],
+            "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
+            "budget": {"max_epochs": 30}}
+    assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
+    token = http.post(f"/api/competitions/{slug}/join", json={"name": "s", "team": "t"}).json()["token"]
+    student = {"Authorization": f"Bearer {token}"}
+    r = http.post(f"/api/competitions/{slug}/submissions", json={"config": {"batch_size": 32, "epochs": 30}},
+                  headers=student)
+    assert r.status_code == 201, r.text
+    return student, r.json()["id"]
+
+
 def test_killed_worker_child_is_replaced_and_the_run_finishes_once(stack):
     """SIGKILL the pool process mid-training: late ack + reject_on_worker_lost bring the message back,
     the worker's new child retakes the run (attempt 2), and exactly one result lands."""
     import signal
     import subprocess
 
-    admin = {"Authorization": "Bearer e2e-admin-token"}
     with httpx.Client(base_url=stack["url"], timeout=30) as http:
-        org = {"Authorization": "Bearer " + http.post("/api/admin/users", json={"name": "o", "role": "organizer"},
-                                                      headers=admin).json()["token"]}
-        comp = {"slug": "crash", "title": "crash", "hardware_class": stack["hw"], "seeds": [0],
-                "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
-                "budget": {"max_epochs": 30}}
-        assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
-        token = http.post("/api/competitions/crash/join", json={"name": "s", "team": "t"}).json()["token"]
-        student = {"Authorization": f"Bearer {token}"}
-        r = http.post("/api/competitions/crash/submissions", json={"config": {"batch_size": 32, "epochs": 30}},
-                      headers=student)
-        assert r.status_code == 201, r.text
-        sid = r.json()["id"]
+        student, sid = _long_submission(http, stack, "crash")
 
         def first_epoch_written():
             run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
@@ -187,20 +194,8 @@ def test_whole_worker_lost_its_run_is_swept_back_and_a_new_worker_finishes_it(st
     sweep sees the stale heartbeat, requeues the run and trains it: one result, attempt 2."""
     import signal
 
-    admin = {"Authorization": "Bearer e2e-admin-token"}
     with httpx.Client(base_url=stack["url"], timeout=30) as http:
-        org = {"Authorization": "Bearer " + http.post("/api/admin/users", json={"name": "o", "role": "organizer"},
-                                                      headers=admin).json()["token"]}
-        comp = {"slug": "lost", "title": "lost", "hardware_class": stack["hw"], "seeds": [0],
-                "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
-                "budget": {"max_epochs": 30}}
-        assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
-        token = http.post("/api/competitions/lost/join", json={"name": "s", "team": "t"}).json()["token"]
-        student = {"Authorization": f"Bearer {token}"}
-        r = http.post("/api/competitions/lost/submissions", json={"config": {"batch_size": 32, "epochs": 30}},
-                      headers=student)
-        assert r.status_code == 201, r.text
-        sid = r.json()["id"]
+        student, sid = _long_submission(http, stack, "lost")
 
         def running():
             run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
@@ -222,5 +217,5 @@ def test_whole_worker_lost_its_run_is_swept_back_and_a_new_worker_finishes_it(st
         assert run["attempts"] == 2 and run["worker_hostname"].startswith("rescuer@")
         assert [e["epoch"] for e in run["epochs"]] == list(range(1, 31))
         states = {w["hostname"].split("@")[0]: w["state"] for w in
-                  http.get("/api/admin/workers", headers=admin).json()["workers"]}
+                  http.get("/api/admin/workers", headers=ADMIN).json()["workers"]}
         assert states["rescuer"] == "idle"
