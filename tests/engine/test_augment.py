@@ -259,3 +259,22 @@ def test_fused_crop_flip_matches_crop_then_reversed_columns():
     assert torch.equal(fused, plain.flip(3))
     u8 = (x * 40 + 128).clamp(0, 255).to(torch.uint8)
     assert A.random_crop(u8, 3, gen(7)).dtype == torch.uint8
+
+
+def test_cutout_on_bytes_matches_cutout_after_normalizing():
+    x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)
+    c = TrainConfig(crop_padding=2, flip=True, cutout_size=5)
+    early = A.augment_batch(x, c, gen(3), mean=mean, std=std)  # the uint8 fast path
+    late = A.cutout(A.normalize(A.random_crop(x, 2, gen(3), flip_p=0.5), mean, std), 5, 1.0,
+                    _after_crop(x, 2, 3))
+    # Same boxes from the same draws; inside them the fill is the mean colour rounded to a byte.
+    assert torch.allclose(early, late, atol=0.5 / 255 / 0.25 + 1e-6)
+    assert (early.abs() < 0.01).sum() >= 16 * 3 * 9  # every sample got an occluded region
+
+
+def _after_crop(x, padding, seed):
+    """A generator advanced past random_crop's draws, so cutout draws what augment_batch drew."""
+    g = gen(seed)
+    A.random_crop(x, padding, g, flip_p=0.5)
+    return g

@@ -141,9 +141,10 @@ def _box_mask(x: Tensor, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor, on: Ten
     return (in_y[:, :, None] & in_x[:, None, :])[:, None]
 
 
-def cutout(x: Tensor, size: int, prob: float, gen: torch.Generator) -> Tensor:
+def cutout(x: Tensor, size: int, prob: float, gen: torch.Generator, fill: Tensor | None = None) -> Tensor:
     """Zero a size x size square (center anywhere in the image, clipped at the borders) per sample,
-    each sample independently with probability `prob`."""
+    each sample independently with probability `prob`. `fill` (1, C, 1, 1) replaces zero: on a uint8
+    batch, the mean colour in bytes is what zero is once normalized."""
     if size <= 0 or prob <= 0:
         return x
     b, _, h, w = x.shape
@@ -153,7 +154,7 @@ def cutout(x: Tensor, size: int, prob: float, gen: torch.Generator) -> Tensor:
     on = _chance(b, prob, gen, x)
     # Comparisons against arange clip the box at the borders for free.
     mask = _box_mask(x, y0, y0 + size, x0, x0 + size, on)
-    return x.masked_fill(mask, 0.0)
+    return x.masked_fill(mask, 0.0) if fill is None else torch.where(mask, fill, x)
 
 
 def random_erasing(x: Tensor, prob: float, scale_max: float, gen: torch.Generator) -> Tensor:
@@ -244,6 +245,14 @@ def augment_batch(x: Tensor, cfg: TrainConfig, gen: torch.Generator, *, mean: Se
     fused = not cfg.random_resized_crop and (cfg.crop_padding > 0 or (cfg.flip and x.dtype == torch.uint8))
     if fused:
         x = random_crop(x, cfg.crop_padding, gen, flip_p=0.5 if cfg.flip else 0.0)
+    # With nothing float-only between the crop and the occlusion, cutout runs on the bytes as well:
+    # a quarter of the memory traffic, and the same image up to rounding the mean colour to a byte.
+    early_cutout = x.dtype == torch.uint8 and cfg.cutout_size > 0 and not (
+        cfg.random_resized_crop or cfg.rotation_degrees > 0 or cfg.jitter_brightness > 0
+        or cfg.jitter_contrast > 0 or cfg.jitter_saturation > 0 or cfg.grayscale_prob > 0)
+    if early_cutout:
+        fill = torch.tensor([round(255 * v) for v in mean], dtype=torch.uint8, device=x.device).view(1, -1, 1, 1)
+        x = cutout(x, cfg.cutout_size, cfg.cutout_prob, gen, fill=fill)
     if x.dtype == torch.uint8:
         x = normalize(x, mean, std)
     if cfg.random_resized_crop:
@@ -257,7 +266,7 @@ def augment_batch(x: Tensor, cfg: TrainConfig, gen: torch.Generator, *, mean: Se
                          mean=mean, std=std)
     if cfg.grayscale_prob > 0:
         x = random_grayscale(x, cfg.grayscale_prob, gen, mean=mean, std=std)
-    if cfg.cutout_size > 0:
+    if cfg.cutout_size > 0 and not early_cutout:
         x = cutout(x, cfg.cutout_size, cfg.cutout_prob, gen)
     if cfg.erasing_prob > 0:
         x = random_erasing(x, cfg.erasing_prob, cfg.erasing_scale_max, gen)
