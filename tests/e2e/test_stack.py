@@ -92,6 +92,22 @@ def _wait(predicate, timeout, what, logs):
     raise AssertionError(f"timed out waiting for {what}; worker log tail:\n{worker_log}")
 
 
+def _first_epoch(http: httpx.Client, stack: dict, student: dict, sid: int) -> dict:
+    def written():
+        run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
+        return run if run["epochs"] else None
+
+    return _wait(written, 180, "the first epoch", stack["logs"])
+
+
+def _finished(http: httpx.Client, stack: dict, student: dict, sid: int, timeout: float = 300) -> dict:
+    def done():
+        d = http.get(f"/api/submissions/{sid}", headers=student).json()
+        return d if d["status"] not in ("queued", "running") else None
+
+    return _wait(done, timeout, f"submission {sid} to finish", stack["logs"])
+
+
 def test_submission_goes_through_a_real_worker_onto_the_leaderboard(stack):
     admin = {"Authorization": "Bearer e2e-admin-token"}
     with httpx.Client(base_url=stack["url"], timeout=30) as http:
@@ -114,11 +130,7 @@ def test_submission_goes_through_a_real_worker_onto_the_leaderboard(stack):
                       "the worker to announce itself", stack["logs"])
         assert fleet[0]["hostname"].startswith(stack["hw"]) and f"train.{stack['hw']}" in fleet[0]["queues"]
 
-        def finished():
-            d = http.get(f"/api/submissions/{sid}", headers=student).json()
-            return d if d["status"] not in ("queued", "running") else None
-
-        detail = _wait(finished, 240, "the submission to finish", stack["logs"])
+        detail = _finished(http, stack, student, sid, timeout=240)
         elapsed = time.time() - t0
         assert detail["status"] == "succeeded", detail
         for run in detail["runs"]:
@@ -164,22 +176,14 @@ def test_killed_worker_child_is_replaced_and_the_run_finishes_once(stack):
     with httpx.Client(base_url=stack["url"], timeout=30) as http:
         student, sid = _long_submission(http, stack, "crash")
 
-        def first_epoch_written():
-            run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
-            return run if run["epochs"] else None
-
-        _wait(first_epoch_written, 180, "the first epoch", stack["logs"])
+        _first_epoch(http, stack, student, sid)
         worker = [p for p in stack["procs"] if "worker.cli" in " ".join(p.args)][0]
         children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
         assert children, "the prefork pool has no child process"
         for pid in children:
             os.kill(int(pid), signal.SIGKILL)
 
-        def finished():
-            d = http.get(f"/api/submissions/{sid}", headers=student).json()
-            return d if d["status"] not in ("queued", "running") else None
-
-        detail = _wait(finished, 300, "the retried run to finish", stack["logs"])
+        detail = _finished(http, stack, student, sid)
         run = detail["runs"][0]
         assert detail["status"] == "succeeded", detail
         assert run["attempts"] == 2
@@ -197,21 +201,13 @@ def test_whole_worker_lost_its_run_is_swept_back_and_a_new_worker_finishes_it(st
     with httpx.Client(base_url=stack["url"], timeout=30) as http:
         student, sid = _long_submission(http, stack, "lost")
 
-        def running():
-            run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
-            return run if run["epochs"] else None
-
-        _wait(running, 180, "the first epoch", stack["logs"])
+        _first_epoch(http, stack, student, sid)
         first = [p for p in stack["procs"] if "worker.cli" in " ".join(p.args)][0]
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         stack["start_worker"]("rescuer")
 
-        def finished():
-            d = http.get(f"/api/submissions/{sid}", headers=student).json()
-            return d if d["status"] not in ("queued", "running") else None
-
-        detail = _wait(finished, 300, "the swept run to finish", stack["logs"])
+        detail = _finished(http, stack, student, sid)
         run = detail["runs"][0]
         assert detail["status"] == "succeeded", detail
         assert run["attempts"] == 2 and run["worker_hostname"].startswith("rescuer@")
