@@ -98,6 +98,18 @@ def check_same_images(folder: Path, packed: Dataset, samples: int = 3) -> None:
             raise SystemExit(f"{files[i]} differs from packed image {i}: the two pipelines see other data")
 
 
+def tutorial_transform(mean: Sequence[float], std: Sequence[float]):
+    """The PIL pipeline as the PyTorch CIFAR-10 tutorials write it: the baseline both benches compare to."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
 def median(xs: Iterable[float]) -> float:
     return statistics.median(list(xs))
 

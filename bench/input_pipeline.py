@@ -30,7 +30,6 @@ import _common as c
 import torch
 import torchvision
 from torch.utils.data import DataLoader
-from torchvision import transforms
 
 from worker.engine.augment import augment_batch, cutout, normalize, random_crop
 from worker.engine.config import TrainConfig
@@ -91,12 +90,7 @@ def main() -> None:
             torch.set_num_threads(default_threads)
 
     # ---- baseline: the tutorial DataLoader over JPEG files --------------------------------------------
-    tutorial = transforms.Compose([
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    tutorial = c.tutorial_transform(mean, std)
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=tutorial)
     assert dataset.classes == data.classes, (dataset.classes, data.classes)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader
-from torchvision import transforms
 
 from worker.engine.augment import augment_batch
 from worker.engine.config import Budget, DataSpec, ModelSpec, RunSpec, TrainConfig
@@ -80,12 +79,7 @@ def main() -> None:
         return train(spec, data, device).summary
 
     # ---- baseline: the tutorial loop --------------------------------------------------------------------
-    tutorial = transforms.Compose([
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    tutorial = c.tutorial_transform(mean, std)
     dataset = torchvision.datasets.ImageFolder(str(folder), transform=tutorial)
 
     def baseline_run() -> dict:

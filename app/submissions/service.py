@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from fastapi import HTTPException, status
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.auth.models import User
 from app.competitions.models import Competition, Membership, Team
 from app.config import get_settings
-from app.db import enqueue_after_commit, utcnow
+from app.db import as_utc, enqueue_after_commit, utcnow
 from app.queue import send_train
 from app.submissions.models import TERMINAL, Run, RunStatus, Submission
 from worker.engine.config import TrainConfig, check_in_space
@@ -24,14 +24,10 @@ class QuotaExceeded(HTTPException):
         super().__init__(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers=headers)
 
 
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=UTC)  # SQLite hands back naive datetimes
-
-
 def check_open(comp: Competition, now: datetime) -> None:
-    if comp.starts_at and now < _aware(comp.starts_at):
+    if comp.starts_at and now < as_utc(comp.starts_at):
         raise HTTPException(status.HTTP_409_CONFLICT, f"competition opens at {comp.starts_at.isoformat()}")
-    if comp.deadline and now > _aware(comp.deadline):
+    if comp.deadline and now > as_utc(comp.deadline):
         raise HTTPException(status.HTTP_409_CONFLICT, f"competition closed at {comp.deadline.isoformat()}")
 
 
@@ -49,7 +45,7 @@ def check_quota(session: Session, comp: Competition, team_id: int, now: datetime
     if not comp.quota_window_hours:
         raise QuotaExceeded(f"quota of {comp.submission_quota} submissions used; it does not reset", None)
     # The window slides: the oldest counted submission leaves it first.
-    frees_at = _aware(used[len(used) - comp.submission_quota]) + timedelta(hours=comp.quota_window_hours)
+    frees_at = as_utc(used[len(used) - comp.submission_quota]) + timedelta(hours=comp.quota_window_hours)
     wait = max(1, int((frees_at - now).total_seconds()) + 1)
     raise QuotaExceeded(
         f"quota of {comp.submission_quota} submissions per {comp.quota_window_hours:g} h used; "
@@ -151,10 +147,6 @@ def refresh_submission(session: Session, submission_id: int) -> Submission:
         sub.error = errors[0] if errors else None
     session.flush()
     return sub
-
-
-def count_submissions(session: Session, competition_id: int) -> int:
-    return session.scalar(select(func.count(Submission.id)).where(Submission.competition_id == competition_id))
 
 
 PRIVATE_KEYS = ("private_accuracy", "accuracy_all")

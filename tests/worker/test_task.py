@@ -40,6 +40,13 @@ def _run_ids(db, submission_id):
     return db.scalars(select(Run.id).where(Run.submission_id == submission_id).order_by(Run.id)).all()
 
 
+def _orphan(run_id, *, attempts, host):
+    """Leave the run as a vanished worker would: running, its heartbeat an hour old."""
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(
+            status="running", attempts=attempts, worker_hostname=host, heartbeat_at=utcnow() - timedelta(hours=1)))
+
+
 def _apply(run_id):
     from worker.tasks import train_run
 
@@ -166,9 +173,7 @@ def test_sweep_gives_up_after_max_attempts(client, db, contest):
     comp, student = contest()
     sub = _submit(client, comp, student, batch_size=32, epochs=1)
     (run_id,) = _run_ids(db, sub["id"])
-    with session_scope() as s:
-        s.execute(update(Run).where(Run.id == run_id).values(
-            status="running", attempts=3, worker_hostname="w3", heartbeat_at=utcnow() - timedelta(hours=1)))
+    _orphan(run_id, attempts=3, host="w3")
     with session_scope() as s:
         assert run_service.requeue_stale(s, stale_after=60, max_attempts=3) == []
     detail = client.get(f"/api/submissions/{sub['id']}", headers=student).json()
@@ -179,9 +184,7 @@ def test_worker_lost_too_often_fails_with_reason(client, db, contest):
     comp, student = contest()
     sub = _submit(client, comp, student, batch_size=32, epochs=1)
     (run_id,) = _run_ids(db, sub["id"])
-    with session_scope() as s:
-        s.execute(update(Run).where(Run.id == run_id).values(
-            status="running", attempts=3, worker_hostname="w3", heartbeat_at=utcnow() - timedelta(hours=1)))
+    _orphan(run_id, attempts=3, host="w3")
     assert _apply(run_id) == "skipped: gave up after too many lost workers"
     detail = client.get(f"/api/submissions/{sub['id']}", headers=student).json()
     assert detail["status"] == "failed"
