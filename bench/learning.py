@@ -40,10 +40,11 @@ TARGET_ACC = 0.85
 PLAIN_REFERENCE = 0.81
 
 
-def engine_config(epochs: int, batch_size: int) -> TrainConfig:
+def engine_config(epochs: int, batch_size: int, precision: str = "auto") -> TrainConfig:
     """The engine's own defaults (nesterov one-cycle SGD, label smoothing 0.1, EMA 0.99 with warm-up,
-    flip + translate TTA, crop + flip, channels_last): only the epochs and batch size are set here."""
-    return TrainConfig(batch_size=batch_size, epochs=epochs)
+    flip + translate TTA, crop + flip, channels_last, automatic precision): only the epochs and batch
+    size are set here (and the precision, with --precision)."""
+    return TrainConfig(batch_size=batch_size, epochs=epochs, precision=precision)
 
 
 def plain_config(epochs: int, batch_size: int) -> TrainConfig:
@@ -67,6 +68,8 @@ def main() -> None:
     p.add_argument("--plain-epochs", type=int, default=6)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="engine recipe's precision (default: the engine's automatic choice)")
     p.add_argument("--train-subset", type=int, default=None, help="default: all 50,000")
     p.add_argument("--test-subset", type=int, default=None, help="default: all 10,000")
     p.add_argument("--calibration-images", type=int, default=5120, help="subset for the calibration run")
@@ -87,13 +90,13 @@ def main() -> None:
     if args.only in ("engine", "both"):
         epochs = args.epochs
         if epochs is None:
-            rate = calibrate(args, engine_config(2, args.batch_size))
+            rate = calibrate(args, engine_config(2, args.batch_size, args.precision))
             epochs = max(1, math.floor(budget_s * rate * args.safety / data.num_train))
             print(f"[calibration] {rate:.0f} images/s -> {epochs} epochs planned for a "
                   f"{budget_s / 60:.1f}-minute budget (safety {args.safety}); about "
                   f"{epochs * data.num_train / rate / 60:.1f} min of training")
         budget = Budget(max_epochs=epochs, max_seconds=budget_s)
-        spec = run_spec(args, engine_config(epochs, args.batch_size), budget)
+        spec = run_spec(args, engine_config(epochs, args.batch_size, args.precision), budget)
         results["engine"] = run("engine", spec, data)
 
     if args.only in ("plain", "both"):

@@ -35,6 +35,7 @@ AUGS = {
     "cutout": lambda x, g: A.cutout(x, 4, 0.7, g),
     "random_erasing": lambda x, g: A.random_erasing(x, 0.7, 0.4, g),
     "color_jitter": lambda x, g: A.color_jitter(x, 0.4, 0.4, 0.4, g),
+    "hue_jitter": lambda x, g: A.color_jitter(x, 0, 0, 0, g, hue=0.3),
     "random_grayscale": lambda x, g: A.random_grayscale(x, 0.5, g),
 }
 
@@ -152,6 +153,28 @@ def test_color_jitter_stays_in_pixel_range():
     assert out.min() >= -1e-5 and out.max() <= 1 + 1e-5
 
 
+def test_hue_shift_matches_torchvision_per_sample():
+    from torchvision.transforms.v2 import functional as TF
+
+    u = torch.rand(6, 3, 7, 9, generator=gen(8))
+    u[0, :, :2] = 0.5  # grey pixels have no hue: they must come back unchanged
+    shifts = torch.tensor([0.0, 0.1, -0.25, 0.5, -0.5, 0.37])
+    out = A.adjust_hue(u, shifts)
+    for i, h in enumerate(shifts.tolist()):
+        assert torch.allclose(out[i], TF.adjust_hue(u[i], h), atol=1e-5), i
+    assert torch.allclose(out[0], u[0], atol=1e-5)
+
+
+def test_hue_jitter_draws_per_sample_and_keeps_value():
+    u = torch.rand(32, 3, 5, 5, generator=gen(9)) * 0.9 + 0.05
+    x = (u - MEAN) / STD
+    out = A.color_jitter(x, 0, 0, 0, gen(), hue=0.5) * STD + MEAN
+    assert torch.allclose(out.amax(1), u.amax(1), atol=1e-5)  # a hue rotation keeps V = max(R, G, B)
+    moved = (out - u).abs().flatten(1).amax(1)
+    assert (moved > 1e-3).sum() >= 30  # nearly every sample got its own non-trivial shift
+    assert torch.equal(A.color_jitter(x, 0, 0, 0, gen(), hue=0.0), x)
+
+
 def test_random_grayscale_equal_channels_in_pixel_space():
     x = (torch.rand(32, 3, 5, 5, generator=gen(2)) - MEAN) / STD
     u = A.random_grayscale(x, 0.5, gen()) * STD + MEAN
@@ -171,7 +194,7 @@ def test_augment_batch_all_off_returns_x():
 
 def test_augment_batch_everything_on():
     c = TrainConfig(random_resized_crop=True, rotation_degrees=10, flip=True, jitter_brightness=0.2,
-                    jitter_contrast=0.2, jitter_saturation=0.2, grayscale_prob=0.2, cutout_size=4,
+                    jitter_contrast=0.2, jitter_saturation=0.2, jitter_hue=0.1, grayscale_prob=0.2, cutout_size=4,
                     erasing_prob=0.5)
     x = batch()
     out = A.augment_batch(x, c, gen(7))

@@ -242,8 +242,9 @@ def test_time_budget_stops_early_but_still_evaluates(data: Dataset) -> None:
     assert s["stop_reason"] == "time_budget"
     assert s["status"] == "succeeded"
     assert s["epochs_planned"] == 3
-    assert s["epochs_completed"] < s["epochs_planned"]
+    assert s["epochs_completed"] == 0  # the one epoch it started was cut short: it does not count
     assert s["steps_completed"] == 1  # the CPU checks the clock after every step
+    assert s["history"][0]["partial"] is True and s["history"][0]["steps"] == 1
     assert s["steps_completed"] < s["steps_planned"]
     assert 0.0 <= s["accuracy"] <= 1.0 and 0.0 <= s["private_accuracy"] <= 1.0
     assert result.logits is not None and result.logits.shape == (N_TEST, 10)
@@ -262,6 +263,7 @@ def test_budget_caps_the_configured_epochs(data: Dataset) -> None:
     assert all(e["epochs"] == 2 for e in _kinds(events, "epoch"))
     # eval_every_epoch=False: no per-epoch test accuracy, but the final evaluation still happens.
     assert all(row["test_accuracy"] is None for row in s["history"])
+    assert [(row["steps"], row["partial"]) for row in s["history"]] == [(64 // 32, False)] * 2
     assert 0.0 <= s["accuracy"] <= 1.0
 
 
@@ -364,7 +366,8 @@ def test_stop_requested_at_setup_cancels_before_training(data: Dataset) -> None:
 
 SETUP_KEYS = {"kind", "device", "precision", "total_steps", "epochs", "steps_per_epoch", "setup_seconds"}
 PROGRESS_KEYS = {"kind", "epoch", "step", "total_steps", "loss", "lr", "images_per_sec"}
-EPOCH_KEYS = {"kind", "epoch", "epochs", "train_loss", "lr", "seconds", "images_per_sec", "test_accuracy"}
+EPOCH_KEYS = {"kind", "epoch", "epochs", "train_loss", "steps", "partial", "lr", "seconds", "images_per_sec",
+              "test_accuracy"}
 
 
 def test_events_carry_the_documented_keys(baseline) -> None:
@@ -460,7 +463,7 @@ def test_bf16_on_cpu_runs_under_autocast() -> None:
 
 EVERYTHING: dict[str, Any] = dict(
     mixup_alpha=0.4, cutmix_alpha=1.0, cutout_size=4, erasing_prob=0.5, jitter_brightness=0.3,
-    jitter_contrast=0.3, jitter_saturation=0.3, grayscale_prob=0.2, rotation_degrees=15.0,
+    jitter_contrast=0.3, jitter_saturation=0.3, jitter_hue=0.1, grayscale_prob=0.2, rotation_degrees=15.0,
     random_resized_crop=True, label_smoothing=0.1, grad_clip_norm=1.0, grad_accum_steps=2, stem="deep",
     se_blocks=True, dropout=0.2, tta="flip_translate", schedule="cosine", warmup_epochs=0.5, ema_decay=0.9,
 )
@@ -487,15 +490,20 @@ def test_every_option_at_once_trains_to_a_finite_loss(data: Dataset, optimizer: 
 
 
 def test_default_ema_ramps_up_so_short_runs_are_not_stuck_near_the_initialisation(data: Dataset) -> None:
-    from worker.engine.train import ema_with_warmup
+    from worker.engine.train import EMA
 
-    ema, p = [torch.zeros(3)], [torch.ones(3)]
-    update = ema_with_warmup(0.99)
-    update(ema, p, torch.tensor(0))  # first update: decay 1/10, the average moves 90% of the way
-    assert torch.allclose(ema[0], torch.full((3,), 0.9))
-    counter, step = [torch.tensor(5)], [torch.tensor(9)]
-    update(counter, step, torch.tensor(3))  # integer buffers follow the model
-    assert int(counter[0]) == 9
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False), torch.nn.BatchNorm1d(1))
+    torch.nn.init.zeros_(model[0].weight)
+    ema = EMA(model, 0.99)
+    torch.nn.init.ones_(model[0].weight)
+    model[1].num_batches_tracked.fill_(9)
+    ema.update()  # first update: decay 1/10, the average moves 90% of the way
+    assert torch.allclose(ema.module[0].weight, torch.full((1, 3), 0.9))
+    assert int(ema.module[1].num_batches_tracked) == 9  # integer buffers follow the model
+    assert not ema.module[0].weight.requires_grad and model[0].weight.requires_grad
+    for _ in range(1000):
+        ema.update()
+    assert ema.current_decay() == 0.99
     result, _ = _run(_spec(epochs=2, ema_decay=0.99), data)
     assert result.summary["evaluated_weights"] == "ema"
     assert result.summary["accuracy"] > 0.3  # a fixed 0.99 after ~20 steps would still be near chance

@@ -192,11 +192,49 @@ def _gray(u: Tensor) -> Tensor:
     return (u * wts).sum(1, keepdim=True)
 
 
+def _rgb_to_hsv(u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, 3, H, W) in [0, 1] -> hue in [0, 1), saturation, value, each (B, H, W); torchvision's formulas."""
+    r, g, b = u.unbind(1)
+    maxc, minc = u.amax(1), u.amin(1)
+    flat = maxc == minc  # grey pixels: hue 0, saturation 0, and no division by zero below
+    one = torch.ones_like(maxc)
+    cr = maxc - minc
+    s = cr / torch.where(flat, one, maxc)
+    cr = torch.where(flat, one, cr)
+    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
+    is_r, is_g = maxc == r, (maxc == g) & (maxc != r)
+    h = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(flat, torch.zeros_like(h), h)
+    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
+
+
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """Inverse of `_rgb_to_hsv`: (B, H, W) each -> (B, 3, H, W)."""
+    h6 = h * 6.0
+    sector = torch.floor(h6)
+    f = h6 - sector
+    sector = sector.long() % 6
+    p = (v * (1.0 - s)).clamp(0, 1)
+    q = (v * (1.0 - s * f)).clamp(0, 1)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
+    # For each of the six sectors, which of (v, q, p, t) each of R, G, B takes.
+    table = torch.stack([torch.stack(c, 1) for c in ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], 1)
+    return table.gather(2, sector[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+
+
+def adjust_hue(u: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue of a [0, 1] RGB batch by `shift` (B,) turns of the colour wheel, per sample."""
+    h, s, v = _rgb_to_hsv(u)
+    return _hsv_to_rgb(torch.remainder(h + shift.view(-1, 1, 1), 1.0), s, v)
+
+
 def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: float, gen: torch.Generator,
-                 *, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> Tensor:
-    """Per-sample brightness, contrast and saturation factors uniform in [1-s, 1+s], applied in that
-    fixed order in [0, 1] pixel space, clamping after each step as torchvision does."""
-    if brightness <= 0 and contrast <= 0 and saturation <= 0:
+                 hue: float = 0.0, *, mean: Sequence[float] = CIFAR10_MEAN,
+                 std: Sequence[float] = CIFAR10_STD) -> Tensor:
+    """Per-sample brightness, contrast and saturation factors uniform in [1-s, 1+s] and a hue shift uniform
+    in [-hue, hue], applied in that fixed order in [0, 1] pixel space, clamping after each step as
+    torchvision does. Hue needs RGB input; it is skipped for other channel counts."""
+    if brightness <= 0 and contrast <= 0 and saturation <= 0 and hue <= 0:
         return x  # skip the un-normalize round trip, which is not bit-exact
     b = x.shape[0]
     m, s = _stats(x, mean, std)
@@ -209,6 +247,8 @@ def color_jitter(x: Tensor, brightness: float, contrast: float, saturation: floa
     if saturation > 0:
         f = _bcast(_uniform(b, 1 - saturation, 1 + saturation, gen, x))
         u = (f * u + (1 - f) * _gray(u)).clamp(0, 1)
+    if hue > 0 and u.shape[1] == 3:
+        u = adjust_hue(u, _uniform(b, -hue, hue, gen, x))
     return (u - m) / s
 
 
@@ -249,7 +289,7 @@ def augment_batch(x: Tensor, cfg: TrainConfig, gen: torch.Generator, *, mean: Se
     # a quarter of the memory traffic, and the same image up to rounding the mean colour to a byte.
     early_cutout = x.dtype == torch.uint8 and cfg.cutout_size > 0 and not (
         cfg.random_resized_crop or cfg.rotation_degrees > 0 or cfg.jitter_brightness > 0
-        or cfg.jitter_contrast > 0 or cfg.jitter_saturation > 0 or cfg.grayscale_prob > 0)
+        or cfg.jitter_contrast > 0 or cfg.jitter_saturation > 0 or cfg.jitter_hue > 0 or cfg.grayscale_prob > 0)
     if early_cutout:
         fill = torch.tensor([round(255 * v) for v in mean], dtype=torch.uint8, device=x.device).view(1, -1, 1, 1)
         x = cutout(x, cfg.cutout_size, cfg.cutout_prob, gen, fill=fill)
@@ -261,9 +301,9 @@ def augment_batch(x: Tensor, cfg: TrainConfig, gen: torch.Generator, *, mean: Se
         x = rotate(x, cfg.rotation_degrees, gen)
     if cfg.flip and not fused:
         x = hflip(x, gen)
-    if cfg.jitter_brightness > 0 or cfg.jitter_contrast > 0 or cfg.jitter_saturation > 0:
+    if cfg.jitter_brightness > 0 or cfg.jitter_contrast > 0 or cfg.jitter_saturation > 0 or cfg.jitter_hue > 0:
         x = color_jitter(x, cfg.jitter_brightness, cfg.jitter_contrast, cfg.jitter_saturation, gen,
-                         mean=mean, std=std)
+                         cfg.jitter_hue, mean=mean, std=std)
     if cfg.grayscale_prob > 0:
         x = random_grayscale(x, cfg.grayscale_prob, gen, mean=mean, std=std)
     if cfg.cutout_size > 0 and not early_cutout:

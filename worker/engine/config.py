@@ -95,6 +95,8 @@ class TrainConfig(_Strict):
     jitter_brightness: float = Field(0.0, ge=0.0, le=1.0)
     jitter_contrast: float = Field(0.0, ge=0.0, le=1.0)
     jitter_saturation: float = Field(0.0, ge=0.0, le=1.0)
+    jitter_hue: float = Field(0.0, ge=0.0, le=0.5, description="Hue shift uniform in [-h, h] turns of the colour "
+                              "wheel, as torchvision's ColorJitter(hue=h).")
     grayscale_prob: Frac = Field(0.0)
     rotation_degrees: float = Field(0.0, ge=0.0, le=45.0)
 
