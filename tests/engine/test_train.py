@@ -48,6 +48,8 @@ def data() -> Dataset:
 def _spec(*, epochs: int = 1, batch_size: int = 32, width: int = 4, seed: int = 0, budget: Budget | None = None,
           eval_every_epoch: bool = True, **cfg: Any) -> RunSpec:
     cfg.setdefault("ema_decay", None)  # the engine's default EMA is on; these tests compare against raw weights
+    # Exact numerics on every CI CPU: "auto" would be bf16 on some CPUs and fp32 on others (tested apart).
+    cfg.setdefault("precision", "fp32")
     return RunSpec(config=TrainConfig(epochs=epochs, batch_size=batch_size, **cfg), model=ModelSpec(width=width),
                    budget=budget or Budget(max_epochs=10), seed=seed, eval_every_epoch=eval_every_epoch)
 
@@ -450,6 +452,20 @@ def test_training_learns_the_synthetic_classes() -> None:
 def test_fp16_on_cpu_is_an_engine_error(data: Dataset) -> None:
     with pytest.raises(EngineError, match="fp16 needs a CUDA device"):
         train(_spec(precision="fp16"), data, "cpu")
+
+
+def test_auto_precision_on_cpu_is_bf16_only_with_native_bf16() -> None:
+    from worker.engine.train import cpu_has_native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    native = cpu_has_native_bf16()
+    assert native == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert resolve_precision("auto", cpu) == (("bf16", torch.bfloat16, False) if native else ("fp32", None, False))
+    assert resolve_precision("fp32", cpu) == ("fp32", None, False)
+    assert resolve_precision("bf16", cpu) == ("bf16", torch.bfloat16, False)
+    result, events = _run(_spec(precision="auto"), synthetic_dataset(64, 20, image_size=SIZE))
+    assert result.summary["precision"] == events[0]["precision"] == ("bf16" if native else "fp32")
+    assert result.summary["status"] == "succeeded"
 
 
 def test_bf16_on_cpu_runs_under_autocast() -> None:

@@ -109,7 +109,8 @@ class TrainConfig(_Strict):
 
     # -- precision
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 if supported, else fp16 on CUDA; fp32 on CPU."
+        "auto", description="auto: on CUDA bf16 if supported, else fp16 with loss scaling; on CPU bf16 where "
+        "the CPU has native bf16 (AVX512-BF16 or AMX), else fp32."
     )
     channels_last: bool = Field(True)
     compile: bool = Field(False, description="torch.compile the model (only where the competition enables it).")
