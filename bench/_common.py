@@ -41,7 +41,12 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def setup_threads(threads: int | None) -> int:
+def setup_cpu(threads: int | None) -> int:
+    """Torch's intra-op threads, and the engine's CPU allocator setting (`tune_cpu_allocator`, which
+    `train()` applies itself) set up front, so that engine and baseline run under the same allocator."""
+    from worker.engine.train import tune_cpu_allocator
+
+    tune_cpu_allocator()
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()

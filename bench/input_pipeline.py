@@ -50,7 +50,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.train_images, args.engine_batches, args.baseline_batches, args.rounds = 2560, 50, 8, 2
-    threads = default_threads = c.setup_threads(args.threads)
+    threads = default_threads = c.setup_cpu(args.threads)
 
     # ---- the same images in both forms --------------------------------------------------------------
     data = c.load_cifar(args.data, args.cache_dir, train_subset=args.train_images, test_subset=10)
@@ -74,8 +74,8 @@ def main() -> None:
             state["perm"], state["pos"] = torch.randperm(n, generator=gen), 0
         idx = state["perm"][state["pos"]:state["pos"] + args.batch_size]
         state["pos"] += args.batch_size
-        x = augment_batch(train_x[idx], cfg, gen, mean=mean, std=std)  # exactly the engine's call
-        return x.contiguous(memory_format=torch.channels_last), train_y[idx]
+        x = augment_batch(train_x.index_select(0, idx), cfg, gen, mean=mean, std=std)  # exactly the engine's call
+        return x.contiguous(memory_format=torch.channels_last), train_y.index_select(0, idx)
 
     def time_engine(threads: int) -> float:
         torch.set_num_threads(threads)
@@ -136,7 +136,7 @@ def main() -> None:
     print(f"(each side: median of {args.rounds} rounds; {c.load_note()})")
 
     # ---- where the engine's time goes: the same steps augment_batch runs for this config, timed apart --
-    phases = {"index (uint8 gather)": 0.0, "crop pad 4 + flip (uint8)": 0.0, "cutout 8 (uint8)": 0.0,
+    phases = {"index (uint8 index_select)": 0.0, "crop pad 4 + flip (uint8)": 0.0, "cutout 8 (uint8)": 0.0,
               "to float + normalize": 0.0, "channels_last copy": 0.0}
     fill = torch.tensor([round(255 * v) for v in mean], dtype=torch.uint8).view(1, -1, 1, 1)
     names = list(phases)
@@ -144,7 +144,7 @@ def main() -> None:
     for _ in range(steps):
         idx = torch.randperm(n, generator=gen)[:args.batch_size]
         t = [time.perf_counter()]
-        xb = train_x[idx]
+        xb = train_x.index_select(0, idx)
         t.append(time.perf_counter())
         xb = random_crop(xb, cfg.crop_padding, gen, flip_p=0.5)
         t.append(time.perf_counter())

@@ -79,7 +79,7 @@ def main() -> None:
     if args.quick:
         args.budget_minutes, args.plain_epochs = 0.2, 1
         args.train_subset, args.test_subset, args.calibration_images = 2560, 300, 768
-    threads = c.setup_threads(args.threads)
+    threads = c.setup_cpu(args.threads)
 
     data = c.load_cifar(args.data, args.cache_dir, args.train_subset, args.test_subset)
     budget_s = 60 * args.budget_minutes

@@ -54,7 +54,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.images, args.load_repeats, args.max_epochs = 6000, 3, 1
-    threads = c.setup_threads(args.threads)
+    threads = c.setup_cpu(args.threads)
     print(f"overhead: {threads} torch threads; {c.load_note()}")
 
     demo = demo_part(args)  # first, while the process is cold, as a worker's first task would be
