@@ -12,6 +12,7 @@ in normalized space, i.e. the dataset's mean color.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -57,30 +58,39 @@ def _reflect(i: Tensor, n: int) -> Tensor:
     return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
+@functools.lru_cache(maxsize=32)
+def _crop_tables(padding: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For every offset o in [0, 2 * padding]: the source rows (2p+1, H) and columns (2(2p+1), W) of a crop
+    at o from the reflect-padded image, columns flipped in the second half. Built once per shape, so a
+    batch's indices are two row lookups instead of a dozen small ops (this pipeline is op-bound on CPU)."""
+    off = torch.arange(2 * padding + 1, device=device)[:, None] - padding
+    rows, cols = off + torch.arange(h, device=device), off + torch.arange(w, device=device)
+    if padding < min(h, w):
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+    else:  # reflect needs padding < size; beyond that, replicate is the nearest sensible border
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    return rows, torch.cat([cols, cols.flip(1)])
+
+
 def random_crop(x: Tensor, padding: int, gen: torch.Generator, flip_p: float = 0.0) -> Tensor:
     """Reflect-pad by `padding`, then crop back to H x W at a per-sample random offset; with flip_p > 0,
     also flip each sample left-right with that probability, in the same pass.
 
-    The padding is never materialised: each sample's source pixels are computed as reflected indices
-    into the flattened image and read with one `gather`, about 4x faster on CPU than padding plus a 4-D
-    fancy index.
-    A flip is just the column indices reversed, so it costs nothing extra. Works on any dtype (uint8 too).
+    The padding is never materialised: each sample's source pixels are reflected indices into the
+    flattened image, looked up in `_crop_tables` and read with one `gather`, about 4x faster on CPU than
+    padding plus a 4-D fancy index. A flip is just the column indices reversed, so it costs nothing extra.
+    Works on any dtype (uint8 too).
     """
     if padding <= 0 and flip_p <= 0:
         return x
     b, c, h, w = x.shape
     padding = max(padding, 0)
+    rows, cols = _crop_tables(padding, h, w, x.device)
     oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=x.device)
-    rows = oy[:, None] + torch.arange(h, device=x.device) - padding  # (B, H), in padded coordinates
-    cols = ox[:, None] + torch.arange(w, device=x.device) - padding  # (B, W)
-    if padding < min(h, w):
-        rows, cols = _reflect(rows, h), _reflect(cols, w)
-    else:  # reflect needs padding < size; beyond that, replicate is the nearest sensible border
-        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
     if flip_p > 0:
-        cols = torch.where(_chance(b, flip_p, gen, x)[:, None], cols.flip(1), cols)
-    idx = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w)  # the same for every channel
+        ox = ox + (2 * padding + 1) * _chance(b, flip_p, gen, x)
+    idx = (rows.index_select(0, oy)[:, :, None] * w + cols.index_select(0, ox)[:, None, :]).view(b, 1, h * w)
     return torch.gather(x.reshape(b, c, h * w), 2, idx.expand(b, c, h * w)).view(b, c, h, w)
 
 
@@ -141,6 +151,14 @@ def _box_mask(x: Tensor, y0: Tensor, y1: Tensor, x0: Tensor, x1: Tensor, on: Ten
     return (in_y[:, :, None] & in_x[:, None, :])[:, None]
 
 
+@functools.lru_cache(maxsize=32)
+def _band_table(size: int, n: int, device: torch.device) -> Tensor:
+    """(n, n) bool: row c marks the positions of a size-wide band centred on c, clipped at the borders."""
+    lo = torch.arange(n, device=device)[:, None] - size // 2
+    pos = torch.arange(n, device=device)
+    return (pos >= lo) & (pos < lo + size)
+
+
 def cutout(x: Tensor, size: int, prob: float, gen: torch.Generator, fill: Tensor | None = None) -> Tensor:
     """Zero a size x size square (center anywhere in the image, clipped at the borders) per sample,
     each sample independently with probability `prob`. `fill` (1, C, 1, 1) replaces zero: on a uint8
@@ -150,10 +168,10 @@ def cutout(x: Tensor, size: int, prob: float, gen: torch.Generator, fill: Tensor
     b, _, h, w = x.shape
     cy = torch.randint(0, h, (b,), generator=gen, device=x.device)
     cx = torch.randint(0, w, (b,), generator=gen, device=x.device)
-    y0, x0 = cy - size // 2, cx - size // 2
     on = _chance(b, prob, gen, x)
-    # Comparisons against arange clip the box at the borders for free.
-    inside = _box_mask(x, y0, y0 + size, x0, x0 + size, on).to(x.dtype)
+    in_y = _band_table(size, h, x.device).index_select(0, cy) & on[:, None]  # (B, H)
+    in_x = _band_table(size, w, x.device).index_select(0, cx)  # (B, W)
+    inside = (in_y[:, :, None] & in_x[:, None, :])[:, None].to(x.dtype)
     # Multiplying by a 0/1 mask is exact (one of the two products is 0) and ~6x faster on CPU than
     # masked_fill or where, whose broadcast of a (B, 1, H, W) mask over channels takes a slow path.
     kept = x * (1 - inside)
