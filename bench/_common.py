@@ -38,7 +38,30 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_TAR, help="the CIFAR-10 JPEG tarball")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="packed dataset and unpacked JPEGs")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     return p
+
+
+def device_of(args: argparse.Namespace) -> torch.device:
+    """The device the engine side runs on (the engine's own resolution: auto = CUDA when available)."""
+    from worker.engine.train import EngineError, resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except (EngineError, RuntimeError) as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that a clock read after it includes it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_note(device: torch.device) -> str:
+    from worker.engine.train import device_info
+
+    return f"{device} ({device_info(device)['name']})"
 
 
 def setup_cpu(threads: int | None) -> int:

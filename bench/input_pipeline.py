@@ -51,6 +51,8 @@ def main() -> None:
     if args.quick:
         args.train_images, args.engine_batches, args.baseline_batches, args.rounds = 2560, 50, 8, 2
     threads = default_threads = c.setup_cpu(args.threads)
+    device = c.device_of(args)
+    on_cpu = device.type == "cpu"
 
     # ---- the same images in both forms --------------------------------------------------------------
     data = c.load_cifar(args.data, args.cache_dir, train_subset=args.train_images, test_subset=10)
@@ -65,13 +67,13 @@ def main() -> None:
     # ---- engine: index into the packed tensor, normalize and augment in batched kernels ----------------
     cfg = TrainConfig(crop_padding=4, flip=True, cutout_size=8)
     mean, std = channel_stats(data.train_x)
-    gen = torch.Generator().manual_seed(0)
-    train_x, train_y = data.train_x, data.train_y
-    state = {"perm": torch.randperm(n, generator=gen), "pos": 0}
+    gen = torch.Generator(device=device).manual_seed(0)
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)  # as train() holds them
+    state = {"perm": torch.randperm(n, generator=gen, device=device), "pos": 0}
 
     def engine_batch() -> tuple[torch.Tensor, torch.Tensor]:
         if state["pos"] + args.batch_size > n:  # a new epoch: a new permutation, as the engine does
-            state["perm"], state["pos"] = torch.randperm(n, generator=gen), 0
+            state["perm"], state["pos"] = torch.randperm(n, generator=gen, device=device), 0
         idx = state["perm"][state["pos"]:state["pos"] + args.batch_size]
         state["pos"] += args.batch_size
         x = augment_batch(train_x.index_select(0, idx), cfg, gen, mean=mean, std=std)  # exactly the engine's call
@@ -82,9 +84,11 @@ def main() -> None:
         try:
             for _ in range(args.warmup):
                 engine_batch()
+            c.sync(device)
             t0 = time.perf_counter()
             for _ in range(args.engine_batches):
                 engine_batch()
+            c.sync(device)
             return args.engine_batches / (time.perf_counter() - t0)
         finally:
             torch.set_num_threads(default_threads)
@@ -103,20 +107,23 @@ def main() -> None:
         t_first = time.perf_counter() - t_start
         t0 = time.perf_counter()
         for _ in range(args.baseline_batches):
-            next(it)
+            x, y = next(it)
+            if not on_cpu:  # the tutorial loop's .to(device): the batch must end up where the engine's is
+                x, y = x.to(device), y.to(device)
+        c.sync(device)
         rate = args.baseline_batches / (time.perf_counter() - t0)
         del it  # shuts the workers down before the next engine round
         return rate, t_first
 
     # ---- measure, alternating ---------------------------------------------------------------------------
-    print(f"input pipeline: {n} real CIFAR-10 training images, batch {args.batch_size}, "
-          f"{threads} torch threads, {args.workers} DataLoader workers; {c.load_note()}")
+    print(f"input pipeline: {n} real CIFAR-10 training images, batch {args.batch_size}, engine on "
+          f"{c.device_note(device)}, {threads} torch threads, {args.workers} DataLoader workers; {c.load_note()}")
     # The engine also runs with 1 intra-op thread, for information only: on a shared 2-core machine an
     # OpenMP team of 2 waits on whichever thread the OS has descheduled, so 1 thread can win.
     rows, eng, base = [], [], []
     for r in range(args.rounds):
         e = time_engine(threads)
-        e1 = time_engine(1)
+        e1 = time_engine(1) if on_cpu else float("nan")  # intra-op threads only matter on the CPU
         b, startup = time_baseline()
         eng.append(e)
         base.append(b)
@@ -138,22 +145,27 @@ def main() -> None:
     # ---- where the engine's time goes: the same steps augment_batch runs for this config, timed apart --
     phases = {"index (uint8 index_select)": 0.0, "crop pad 4 + flip (uint8)": 0.0, "cutout 8 (uint8)": 0.0,
               "to float + normalize": 0.0, "channels_last copy": 0.0}
-    fill = torch.tensor([round(255 * v) for v in mean], dtype=torch.uint8).view(1, -1, 1, 1)
+    fill = torch.tensor([round(255 * v) for v in mean], dtype=torch.uint8, device=device).view(1, -1, 1, 1)
     names = list(phases)
     steps = max(args.engine_batches // 2, 10)
+
+    def now() -> float:
+        c.sync(device)  # on CUDA each phase is timed to its completion
+        return time.perf_counter()
+
     for _ in range(steps):
-        idx = torch.randperm(n, generator=gen)[:args.batch_size]
-        t = [time.perf_counter()]
+        idx = torch.randperm(n, generator=gen, device=device)[:args.batch_size]
+        t = [now()]
         xb = train_x.index_select(0, idx)
-        t.append(time.perf_counter())
+        t.append(now())
         xb = random_crop(xb, cfg.crop_padding, gen, flip_p=0.5)
-        t.append(time.perf_counter())
+        t.append(now())
         xb = cutout(xb, cfg.cutout_size, cfg.cutout_prob, gen, fill=fill)
-        t.append(time.perf_counter())
+        t.append(now())
         x = normalize(xb, mean, std)
-        t.append(time.perf_counter())
+        t.append(now())
         x.contiguous(memory_format=torch.channels_last)
-        t.append(time.perf_counter())
+        t.append(now())
         for i, name in enumerate(names):
             phases[name] += t[i + 1] - t[i]
     total = sum(phases.values())

@@ -82,29 +82,31 @@ def main() -> None:
         args.budget_minutes, args.plain_epochs = 0.2, 1
         args.train_subset, args.test_subset, args.calibration_images = 2560, 300, 768
     threads = c.setup_cpu(args.threads)
+    device = c.device_of(args)
 
     data = c.load_cifar(args.data, args.cache_dir, args.train_subset, args.test_subset)
     budget_s = 60 * args.budget_minutes
     print(f"learning: ResNet18 width {args.width}, {data.num_train:,} train / {data.num_test:,} test real "
-          f"CIFAR-10 images, batch {args.batch_size}, CPU with {threads} torch threads; {c.load_note()}")
+          f"CIFAR-10 images, batch {args.batch_size}, {c.device_note(device)}, {threads} torch threads; "
+          f"{c.load_note()}")
     results: dict[str, dict] = {}
 
     if args.only in ("engine", "both"):
         epochs = args.epochs
         if epochs is None:
-            rate = calibrate(args, engine_config(2, args.batch_size, args.precision))
+            rate = calibrate(args, engine_config(2, args.batch_size, args.precision), device)
             epochs = max(1, math.floor(budget_s * rate * args.safety / data.num_train))
             print(f"[calibration] {rate:.0f} images/s -> {epochs} epochs planned for a "
                   f"{budget_s / 60:.1f}-minute budget (safety {args.safety}); about "
                   f"{epochs * data.num_train / rate / 60:.1f} min of training")
         budget = Budget(max_epochs=epochs, max_seconds=budget_s)
         spec = run_spec(args, engine_config(epochs, args.batch_size, args.precision), budget)
-        results["engine"] = run("engine", spec, data)
+        results["engine"] = run("engine", spec, data, device)
 
     if args.only in ("plain", "both"):
         budget = Budget(max_epochs=args.plain_epochs)
         spec = run_spec(args, plain_config(args.plain_epochs, args.batch_size), budget)
-        results["plain"] = run("plain", spec, data)
+        results["plain"] = run("plain", spec, data, device)
 
     # ---- summary -----------------------------------------------------------------------------------------
     print()
@@ -140,16 +142,16 @@ def run_spec(args, cfg: TrainConfig, budget: Budget) -> RunSpec:
                    budget=budget, eval_every_epoch=not args.no_epoch_eval)
 
 
-def calibrate(args, cfg: TrainConfig) -> float:
+def calibrate(args, cfg: TrainConfig, device) -> float:
     """Images/s of the recipe's second epoch on a small subset (the first carries the warm-up)."""
     data = c.load_cifar(args.data, args.cache_dir, args.calibration_images, 100)
     spec = RunSpec(config=cfg.model_copy(update={"epochs": 2, "tta": "none"}),
                    model=ModelSpec(width=args.width), budget=Budget(max_epochs=2), eval_every_epoch=False)
-    summary = train(spec, data, "cpu").summary
+    summary = train(spec, data, device).summary
     return summary["history"][-1]["images_per_sec"]
 
 
-def run(name: str, spec: RunSpec, data) -> dict:
+def run(name: str, spec: RunSpec, data, device) -> dict:
     cfg = spec.config
     print(f"\n[{name}] {cfg.model_dump(exclude_defaults=True)}; budget {spec.budget.model_dump()}",
           flush=True)
@@ -166,7 +168,7 @@ def run(name: str, spec: RunSpec, data) -> dict:
                   f"train {e['seconds']:.0f}s, wall {time.perf_counter() - t0:.0f}s, public acc {shown}",
                   flush=True)
 
-    s = train(spec, data, "cpu", on_event).summary
+    s = train(spec, data, device, on_event).summary
     wall = time.perf_counter() - t0
     print(c.table(["epoch", "train loss", "train s", "wall s", "public acc (no TTA)", "img/s"], rows))
     m = s.get("metrics") or {}

@@ -55,7 +55,7 @@ def main() -> None:
     if args.quick:
         args.images, args.load_repeats, args.max_epochs = 6000, 3, 1
     threads = c.setup_cpu(args.threads)
-    print(f"overhead: {threads} torch threads; {c.load_note()}")
+    print(f"overhead: {c.device_note(c.device_of(args))}, {threads} torch threads; {c.load_note()}")
 
     demo = demo_part(args)  # first, while the process is cold, as a worker's first task would be
     load_s, decode_s, n = dataset_part(args)
@@ -111,7 +111,8 @@ def demo_part(args) -> dict:
     load_s = time.perf_counter() - t0
 
     marks: list[tuple[float, dict]] = []
-    result = train(spec, data, "cpu", on_event=lambda e: marks.append((time.perf_counter(), e)))
+    device = c.device_of(args)
+    result = train(spec, data, device, on_event=lambda e: marks.append((time.perf_counter(), e)))
     s = result.summary
     t_setup = next(t for t, e in marks if e["kind"] == "setup")
     progress = [(t, e) for t, e in marks if e["kind"] == "progress"]

@@ -61,7 +61,7 @@ def main() -> None:
     if args.quick:
         args.train_images, args.rounds, args.breakdown_steps = 1280, 2, 4
     threads = c.setup_cpu(args.threads)
-    device = torch.device("cpu")
+    device = c.device_of(args)
 
     data = c.load_cifar(args.data, args.cache_dir, train_subset=args.train_images, test_subset=100)
     folder = c.unpack_train_subset(args.data, args.cache_dir, args.train_images)
@@ -70,7 +70,8 @@ def main() -> None:
     steps = n // args.batch_size
     mean, std = channel_stats(data.train_x)
     print(f"train step: {n} real CIFAR-10 images, ResNet18 width {args.width}, batch {args.batch_size}, "
-          f"{steps} steps/epoch, {args.epochs} epoch(s), {threads} torch threads; {c.load_note()}")
+          f"{steps} steps/epoch, {args.epochs} epoch(s), {c.device_note(device)}, {threads} torch threads; "
+          f"{c.load_note()}")
 
     # ---- engine: one full train() call ------------------------------------------------------------------
     spec = RunSpec(config=TrainConfig(batch_size=args.batch_size, epochs=args.epochs, tta="none"),
@@ -110,6 +111,7 @@ def main() -> None:
                 loss = criterion(model(x), y)
                 loss.backward()
                 optimizer.step()
+                c.sync(device)  # as a tutorial's loss.item() would: splits loader wait from GPU compute
                 images += len(y)
                 t = time.perf_counter()
                 compute += t - t_got
@@ -119,7 +121,7 @@ def main() -> None:
 
     # ---- where the time goes: the engine's step, phase by phase, channels_last vs contiguous -------------
     # First, while the process is cold: its first step shows the one-off warm-up (oneDNN kernels, memory).
-    breakdown(data, args, mean, std)
+    breakdown(data, args, mean, std, device)
 
     # ---- alternate rounds ---------------------------------------------------------------------------------
     rows, eng, eng32, base, base_runs = [], [], [], [], []
@@ -165,35 +167,41 @@ def main() -> None:
           f"{c.verdict(ratio > TARGET)}")
 
 
-def breakdown(data, args, mean, std) -> None:
+def breakdown(data, args, mean, std, device: torch.device) -> None:
     """The engine's step (as in worker.engine.train) with a clock between phases, for both memory formats."""
     cfg = TrainConfig(batch_size=args.batch_size)
     formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
     runs = {}
     for name, fmt in formats.items():
         torch.manual_seed(0)
-        model = build_model(ModelSpec(width=args.width), cfg, data.num_classes).to(memory_format=fmt)
+        model = build_model(ModelSpec(width=args.width), cfg, data.num_classes).to(device, memory_format=fmt)
         runs[name] = {"model": model, "opt": build_optimizer(model, cfg), "fmt": fmt,
-                      "gen": torch.Generator().manual_seed(0), "times": []}
+                      "gen": torch.Generator(device=device).manual_seed(0), "times": []}
     n = data.num_train
+    train_x, train_y = data.train_x.to(device), data.train_y.to(device)
+
+    def now() -> float:
+        c.sync(device)  # on CUDA each phase is timed to its completion
+        return time.perf_counter()
+
     total = args.breakdown_steps
     for step in range(total):
         for run in runs.values():  # alternate formats step by step: background load hits both alike
             model, opt, gen = run["model"], run["opt"], run["gen"]
-            t0 = time.perf_counter()
-            idx = torch.randperm(n, generator=gen)[:args.batch_size]
-            x = augment_batch(data.train_x.index_select(0, idx), cfg, gen, mean=mean,
+            t0 = now()
+            idx = torch.randperm(n, generator=gen, device=device)[:args.batch_size]
+            x = augment_batch(train_x.index_select(0, idx), cfg, gen, mean=mean,
                               std=std).contiguous(memory_format=run["fmt"])
-            y = data.train_y.index_select(0, idx)
-            t1 = time.perf_counter()
+            y = train_y.index_select(0, idx)
+            t1 = now()
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-            t2 = time.perf_counter()
+            t2 = now()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            t3 = time.perf_counter()
+            t3 = now()
             set_lr(opt, cfg.lr, lr_factor(step, total, total, cfg))
             opt.step()
-            t4 = time.perf_counter()
+            t4 = now()
             run["times"].append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
 
     phases = ["data (index+normalize+augment)", "forward + loss", "backward", "optimizer step"]
