@@ -409,12 +409,16 @@ class EMA(nn.Module):
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.decay = decay
         self.updates = 0
-        pairs = list(zip([*self.module.parameters(), *self.module.buffers()],
-                         [*model.parameters(), *model.buffers()], strict=True))
-        self._avg = ([e for e, _ in pairs if e.is_floating_point()], [m for e, m in pairs if e.is_floating_point()])
-        # Integer buffers (BatchNorm's batch counter) are not averaged: they follow the model.
-        self._copy = ([e for e, _ in pairs if not e.is_floating_point()],
-                      [m for e, m in pairs if not e.is_floating_point()])
+        # (average, model) tensor lists. The model side is detached views: they share storage with the
+        # parameters the optimizer updates in place. Integer buffers (BatchNorm's batch counter) are not
+        # averaged: they follow the model.
+        self._avg: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._copy: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for e, m in zip([*self.module.parameters(), *self.module.buffers()],
+                        [*model.parameters(), *model.buffers()], strict=True):
+            lists = self._avg if e.is_floating_point() else self._copy
+            lists[0].append(e)
+            lists[1].append(m.detach())
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -424,7 +428,7 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self._avg[0], [t.detach() for t in self._avg[1]], 1.0 - self.current_decay())
+        torch._foreach_lerp_(self._avg[0], self._avg[1], 1.0 - self.current_decay())
         if self._copy[0]:
             torch._foreach_copy_(self._copy[0], self._copy[1])
         self.updates += 1
