@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -459,7 +460,12 @@ def test_auto_precision_on_cpu_is_bf16_only_with_native_bf16() -> None:
 
     cpu = torch.device("cpu")
     native = cpu_has_native_bf16()
-    assert native == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    flags = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    # Native only where the CPU has the instructions and nothing caps torch or oneDNN below them
+    # (tests/engine/test_cpu_kinds.py runs the capped case in a subprocess).
+    in_use = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")) and \
+        os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in {"ALL"} | train_mod.ONEDNN_BF16_ISAS
+    assert native == (flags and in_use)
     assert resolve_precision("auto", cpu) == (("bf16", torch.bfloat16, False) if native else ("fp32", None, False))
     assert resolve_precision("fp32", cpu) == ("fp32", None, False)
     assert resolve_precision("bf16", cpu) == ("bf16", torch.bfloat16, False)

@@ -164,8 +164,44 @@ def build_model(spec: ModelSpec, cfg: TrainConfig, num_classes: int) -> nn.Modul
     )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Memory format: channels_last, except where oneDNN is known to corrupt memory
+# ----------------------------------------------------------------------------------------------------
+
+# oneDNN's CPU backward for a 1x1 stride-2 convolution in channels_last with 2-7 input channels corrupts
+# the heap ("double free or corruption", SIGSEGV) when oneDNN runs its AVX2 kernels (an AVX2-only CPU, or
+# ONEDNN_MAX_CPU_ISA=AVX2); AVX-512 kernels and contiguous tensors are fine, and so is a single input
+# channel. Measured with torch 2.14.1 (tests/engine/test_memory_format.py maps the boundary): in a
+# ResNet18 these are the downsample convolutions of layer2..layer4, so every width below 8 hits it.
+# The guard applies on every CPU, not only AVX2 ones, so one spec lays its tensors out the same way (and
+# computes the same numbers) on whichever CPU runs it.
+ONEDNN_NARROW_STRIDED_1X1 = range(2, 8)
+
+
+def _hits_onednn_fault(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+            and m.in_channels in ONEDNN_NARROW_STRIDED_1X1)
+
+
+def choose_memory_format(model: nn.Module, device_type: str, channels_last: bool) -> tuple[bool, str | None]:
+    """-> (use channels_last, why the request was overridden or None).
+
+    Contiguous on CPU when the model has a layer in oneDNN's known-bad channels_last case (see above).
+    """
+    if not channels_last or device_type != "cpu":
+        return channels_last, None
+    bad = next((name for name, m in model.named_modules() if _hits_onednn_fault(m)), None)
+    if bad is None:
+        return True, None
+    conv = model.get_submodule(bad)
+    return False, (f"contiguous instead of channels_last: {bad} is a 1x1 stride-2 convolution with "
+                   f"{conv.in_channels} input channels, whose channels_last backward corrupts memory in "
+                   "oneDNN's AVX2 CPU kernels (widths below 8)")
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["ResNet18", "SEBasicBlock", "SqueezeExcite", "build_model", "count_parameters", "make_stem"]
+__all__ = ["ResNet18", "SEBasicBlock", "SqueezeExcite", "build_model", "choose_memory_format", "count_parameters",
+           "make_stem"]

@@ -29,7 +29,7 @@ from worker.engine.augment import augment_batch, mix_batch
 from worker.engine.config import RunSpec
 from worker.engine.data import Dataset
 from worker.engine.evaluate import evaluate_halves, predict_logits, split_public_private
-from worker.engine.model import build_model
+from worker.engine.model import build_model, choose_memory_format
 from worker.engine.optim import build_optimizer, set_lr
 from worker.engine.report import json_safe
 from worker.engine.schedule import lr_factor
@@ -70,10 +70,24 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX tiles), as Ampere-class GPUs do.
 
-    Without those instructions oneDNN emulates bf16 and autocast makes a step slower, not faster.
+    Without those instructions oneDNN emulates bf16 and autocast makes a step slower, not faster. The
+    instructions must also be in use: ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2 (how CI and a
+    developer bring an AVX-512 CPU down to an AVX2 one) make this CPU behave as one without them.
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    if not any(getattr(torch.cpu, name, lambda: False)() for name in checks):
+        return False
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")):
+        return False
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return isa == "ALL" or isa in ONEDNN_BF16_ISAS
+
+
+# ONEDNN_MAX_CPU_ISA values at or above the first ISA with native bf16 (oneDNN's dnnl_cpu_isa_t names).
+ONEDNN_BF16_ISAS = frozenset({
+    "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2",
+})
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype | None, bool]:
@@ -184,7 +198,6 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
         tune_cpu_allocator()
     seed_everything(spec.seed, spec.deterministic)
     precision, amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     # The whole dataset lives on the device as uint8; batches are drawn by index, never through a loader.
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
@@ -192,7 +205,10 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     mean, std = channel_stats(data.train_x)
     public_idx, private_idx = split_public_private(len(test_y))
 
-    model = build_model(spec.model, cfg, data.num_classes).to(device, memory_format=memory_format)
+    model = build_model(spec.model, cfg, data.num_classes)
+    channels_last, memory_format_note = choose_memory_format(model, device.type, cfg.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
@@ -334,7 +350,7 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
                 t_eval = time.perf_counter()
                 logits = predict_logits(_eval_model(model, ema, swa, swa_ready=False), test_x[public_idx],
                                         EVAL_BATCH, device=device, mean=mean, std=std, tta="none",
-                                        autocast_dtype=amp_dtype, channels_last=cfg.channels_last)
+                                        autocast_dtype=amp_dtype, channels_last=channels_last)
                 row["test_accuracy"] = (logits.argmax(1) == test_y[public_idx]).float().mean().item()
                 epoch_eval_seconds += time.perf_counter() - t_eval
             history.append({k: v for k, v in row.items() if k != "kind"})
@@ -359,7 +375,8 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
         "micro_batch_size": micro,
         "effective_batch_size": effective_batch,
         "precision": precision,
-        "channels_last": cfg.channels_last,
+        "channels_last": channels_last,
+        "memory_format_note": memory_format_note,
         "compile": {"enabled": cfg.compile, "seconds": compile_seconds, "counted": budget.compile_counts},
         "history": history,
     }
@@ -367,7 +384,7 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     if summary["status"] == "succeeded":
         eval_model = _eval_model(model, ema, swa, swa_ready=_swa_ready(swa))
         logits = predict_logits(eval_model, test_x, EVAL_BATCH, device=device, mean=mean, std=std,
-                                tta=cfg.tta, autocast_dtype=amp_dtype, channels_last=cfg.channels_last)
+                                tta=cfg.tta, autocast_dtype=amp_dtype, channels_last=channels_last)
         metrics = evaluate_halves(logits, test_y, data.num_classes, public_idx, private_idx)
         summary.update(accuracy=metrics["public"]["accuracy"], metrics=metrics,
                        private_accuracy=metrics["private"]["accuracy"],
