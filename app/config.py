@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     # "auto" picks cuda when present; a worker may be pinned to "cpu" or "cuda:1".
     device: str = "auto"
 
+    # Request bodies over this many bytes are refused with 413 before they are read (the largest real
+    # body, a competition with a full search space, is a few KiB).
+    max_body_bytes: int = 64 * 1024
+
     # A bootstrap admin, so a fresh install can create organizers. Production refuses the default.
     admin_token: str = DEFAULT_ADMIN_TOKEN
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import IntegrityError
 
 from app.admin.router import router as admin_router
@@ -12,6 +13,7 @@ from app.auth.service import ensure_admin
 from app.competitions.router import router as competitions_router
 from app.config import get_settings
 from app.db import session_scope
+from app.http import BodySizeLimit, validation_error_handler
 from app.leaderboard.router import router as leaderboard_router
 from app.submissions.router import router as submissions_router
 
@@ -33,6 +35,8 @@ def create_app() -> FastAPI:
                               "the leaderboard ranks it.")
     for r in (competitions_router, submissions_router, leaderboard_router, admin_router):
         app.include_router(r)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
 
     @app.get("/api/health", tags=["meta"])
     def health() -> dict:

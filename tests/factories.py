@@ -12,6 +12,7 @@ from app.auth.models import Role, User
 from app.auth.service import hash_token
 from app.competitions.models import Competition, Membership, Team
 from app.db import utcnow
+from app.names import name_key
 from app.submissions.models import Run, RunStatus, Submission
 
 _n = itertools.count(1)
@@ -92,6 +93,7 @@ class TeamFactory(_Base):
     competition = factory.SubFactory(CompetitionFactory)
     competition_id = factory.SelfAttribute("competition.id")
     name = factory.Sequence(lambda n: f"team{n}")
+    name_key = factory.LazyAttribute(lambda o: name_key(o.name))
     invite_code = factory.Sequence(lambda n: f"code{n}")
 
     @classmethod

@@ -46,7 +46,7 @@ EXAMPLES = [
 
 def run_demo(console: Console, *, port: int, entries: int, exit_when_done: bool) -> int:
     from app import migrate
-    from worker.cli import python_cmd, spawn, stop, wait_http
+    from worker.processes import python_cmd, spawn, stop, wait_http
 
     settings = get_settings()
     base = f"http://127.0.0.1:{port}"

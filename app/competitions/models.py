@@ -3,10 +3,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base, TimestampMixin
+from app.db import Base, TimestampMixin, UTCDateTime
 
 
 class Competition(TimestampMixin, Base):
@@ -24,8 +24,8 @@ class Competition(TimestampMixin, Base):
     search_space: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     submission_quota: Mapped[int | None] = mapped_column(Integer, nullable=True)
     quota_window_hours: Mapped[float | None] = mapped_column(nullable=True)
-    starts_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    starts_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    deadline: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # One run per seed per submission.
     seeds: Mapped[list[int]] = mapped_column(JSON, default=lambda: [0])
     # Deterministic kernels: slower, but a rerun of the same config reproduces the same score bit for bit.
@@ -35,11 +35,13 @@ class Competition(TimestampMixin, Base):
 
 class Team(TimestampMixin, Base):
     __tablename__ = "team"
-    __table_args__ = (UniqueConstraint("competition_id", "name"),)
+    # Unique by name_key (app.names.name_key: case-folded NFKC), so "Owls" and "ＯＷＬＳ" are one team.
+    __table_args__ = (UniqueConstraint("competition_id", "name_key"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(100))
+    name_key: Mapped[str] = mapped_column(String(100))
     # Team names are public (leaderboard); joining an existing team takes this secret from a member.
     invite_code: Mapped[str] = mapped_column(String(64))
 

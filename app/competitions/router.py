@@ -11,11 +11,13 @@ from app.auth.service import user_for_token
 from app.competitions import service
 from app.competitions.models import Competition
 from app.competitions.schemas import CompetitionCreate, CompetitionOut, JoinOut, JoinRequest
+from app.http import BODY_ERRORS, error_responses
 
 router = APIRouter(prefix="/api/competitions", tags=["competitions"])
 
 
-@router.post("", response_model=CompetitionOut, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=CompetitionOut, status_code=status.HTTP_201_CREATED,
+             responses=error_responses(401, 403, 409, *BODY_ERRORS))
 def create_competition(data: CompetitionCreate, session: SessionDep, organizer: CurrentOrganizer):
     return service.create_competition(session, data, organizer)
 
@@ -25,12 +27,13 @@ def list_competitions(session: SessionDep):
     return session.scalars(select(Competition).order_by(Competition.created_at.desc())).all()
 
 
-@router.get("/{slug}", response_model=CompetitionOut)
+@router.get("/{slug}", response_model=CompetitionOut, responses=error_responses(404))
 def get_competition(slug: str, session: SessionDep):
     return service.get_competition(session, slug)
 
 
-@router.post("/{slug}/join", response_model=JoinOut, status_code=status.HTTP_201_CREATED)
+@router.post("/{slug}/join", response_model=JoinOut, status_code=status.HTTP_201_CREATED,
+             responses=error_responses(401, 403, 404, 409, *BODY_ERRORS))
 def join_competition(
     slug: str,
     data: JoinRequest,

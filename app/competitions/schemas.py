@@ -3,18 +3,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.names import Name, Title
 from worker.engine.config import Budget, Choices, DataSpec, ModelSpec, Range, effective_space
 
 SLUG = r"^[a-z0-9][a-z0-9-]{1,62}$"
 
 
 class CompetitionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     slug: str = Field(pattern=SLUG)
-    title: str = Field(min_length=1, max_length=200)
+    title: Title
     dataset: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     budget: Budget = Field(default_factory=Budget)
@@ -35,6 +36,12 @@ class CompetitionCreate(BaseModel):
     @classmethod
     def _utc(cls, v: datetime | None) -> datetime | None:
         return v.astimezone(UTC) if v else v  # SQLite keeps no offset: store every time in UTC
+
+    @model_validator(mode="after")
+    def _deadline_after_start(self) -> CompetitionCreate:
+        if self.starts_at and self.deadline and self.deadline <= self.starts_at:
+            raise ValueError("deadline must be after starts_at")
+        return self
 
     @field_validator("search_space")
     @classmethod
@@ -71,10 +78,10 @@ class CompetitionOut(BaseModel):
 
 
 class JoinRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(min_length=1, max_length=100, description="Your display name.")
-    team: str = Field(min_length=1, max_length=100, description="Team to create or join.")
+    name: Name = Field(description="Your display name.")
+    team: Name = Field(description="Team to create or join; names differ in more than case and width.")
     invite_code: str | None = Field(None, max_length=64, description="Needed to join an existing team.")
 
 

@@ -10,6 +10,7 @@ from app.auth.models import Role, User
 from app.auth.service import create_user
 from app.competitions.models import Competition, Membership, Team
 from app.competitions.schemas import CompetitionCreate
+from app.names import name_key
 
 
 def get_competition(session: Session, slug: str) -> Competition:
@@ -22,8 +23,6 @@ def get_competition(session: Session, slug: str) -> Competition:
 def create_competition(session: Session, data: CompetitionCreate, creator: User | None) -> Competition:
     if session.scalar(select(Competition.id).where(Competition.slug == data.slug)) is not None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"competition {data.slug!r} already exists")
-    if data.starts_at and data.deadline and data.deadline <= data.starts_at:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "deadline must be after starts_at")
     comp = Competition(
         slug=data.slug,
         title=data.title,
@@ -52,14 +51,15 @@ def join(session: Session, comp: Competition, name: str, team_name: str, invite_
     if user is not None and session.scalar(select(Membership.id).where(Membership.user_id == user.id,
                                                                        Membership.competition_id == comp.id)):
         raise HTTPException(status.HTTP_409_CONFLICT, "you already joined this competition")
-    team = session.scalar(select(Team).where(Team.competition_id == comp.id, Team.name == team_name))
+    key = name_key(team_name)
+    team = session.scalar(select(Team).where(Team.competition_id == comp.id, Team.name_key == key))
     if team is None:
-        team = Team(competition_id=comp.id, name=team_name, invite_code=secrets.token_urlsafe(12))
+        team = Team(competition_id=comp.id, name=team_name, name_key=key, invite_code=secrets.token_urlsafe(12))
         session.add(team)
         session.flush()
     elif invite_code is None or not secrets.compare_digest(invite_code, team.invite_code):
         raise HTTPException(status.HTTP_403_FORBIDDEN,
-                            f"team {team_name!r} already exists: joining it needs its invite_code from a member")
+                            f"team {team.name!r} already exists: joining it needs its invite_code from a member")
     token = None
     if user is None:
         user, token = create_user(session, name, Role.participant)

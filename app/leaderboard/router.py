@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from app.auth.dependencies import SessionDep
 from app.competitions.service import get_competition
+from app.http import error_responses
 from app.leaderboard.service import leaderboard
 
 router = APIRouter(prefix="/api/competitions", tags=["leaderboard"])
@@ -29,7 +30,7 @@ class Board(BaseModel):
     entries: list[Entry]
 
 
-@router.get("/{slug}/leaderboard", response_model=Board)
+@router.get("/{slug}/leaderboard", response_model=Board, responses=error_responses(404))
 def get_leaderboard(slug: str, session: SessionDep):
     """Public: each team's best succeeded submission."""
     comp = get_competition(session, slug)

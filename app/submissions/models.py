@@ -8,7 +8,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    DateTime,
     Float,
     ForeignKey,
     Index,
@@ -20,7 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.db import Base, TimestampMixin
+from app.db import Base, TimestampMixin, UTCDateTime
 
 
 class RunStatus(StrEnum):
@@ -56,7 +55,7 @@ class Submission(TimestampMixin, Base):
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)  # mean public accuracy over seeds
     gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # summed over seeds
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     runs: Mapped[list[Run]] = relationship(back_populates="submission", order_by="Run.id", lazy="selectin")
 
@@ -72,9 +71,9 @@ class Run(TimestampMixin, Base):
     status: Mapped[str] = mapped_column(String(20), default=RunStatus.queued)
     # Bumped by every claim; updates carry it as a fencing token so a presumed-dead worker can't write.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     worker_hostname: Mapped[str | None] = mapped_column(String(255), nullable=True)
     device_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1 of the epoch budget
@@ -104,7 +103,7 @@ class EpochMetric(Base):
     lr: Mapped[float | None] = mapped_column(Float, nullable=True)
     images_per_sec: Mapped[float | None] = mapped_column(Float, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class RunLogits(Base):

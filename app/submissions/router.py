@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from app.auth.dependencies import CurrentUser, SessionDep
 from app.competitions.service import get_competition, membership
+from app.http import BODY_ERRORS, error_responses
 from app.submissions import service
 from app.submissions.models import EpochMetric, Submission
 from app.submissions.schemas import EpochOut, RunDetail, SubmissionCreate, SubmissionDetail, SubmissionOut
@@ -17,27 +18,28 @@ SubmissionId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 @router.post("/competitions/{slug}/submissions", response_model=SubmissionOut,
              status_code=status.HTTP_201_CREATED,
-             responses={422: {"description": "Config outside the engine's or the competition's bounds"},
-                        429: {"description": "Submission quota used; Retry-After says when it frees"}})
+             responses=error_responses(401, 403, 404, 409, 429, *BODY_ERRORS))
 def submit(slug: str, data: SubmissionCreate, session: SessionDep, user: CurrentUser):
     comp = get_competition(session, slug)
     member = membership(session, comp, user)
     return service.create_submission(session, comp, member, user, data.config)
 
 
-@router.get("/submissions", response_model=list[SubmissionOut])
+@router.get("/submissions", response_model=list[SubmissionOut], responses=error_responses(401, 404, 422))
 def my_submissions(session: SessionDep, user: CurrentUser, competition: str | None = None):
     comp_id = get_competition(session, competition).id if competition else None
     return service.list_own(session, user, comp_id)
 
 
-@router.get("/submissions/{submission_id}", response_model=SubmissionDetail)
+@router.get("/submissions/{submission_id}", response_model=SubmissionDetail,
+            responses=error_responses(401, 404, 422))
 def get_submission(submission_id: SubmissionId, session: SessionDep, user: CurrentUser):
     sub = service.get_own_submission(session, user, submission_id)
     return _detail(session, sub)
 
 
-@router.post("/submissions/{submission_id}/cancel", response_model=SubmissionDetail)
+@router.post("/submissions/{submission_id}/cancel", response_model=SubmissionDetail,
+             responses=error_responses(401, 404, 409, 422))
 def cancel_submission(submission_id: SubmissionId, session: SessionDep, user: CurrentUser):
     sub = service.get_own_submission(session, user, submission_id)
     return _detail(session, service.cancel(session, sub))

@@ -9,7 +9,7 @@ from worker.engine.config import TrainConfig
 
 
 class SubmissionCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     config: TrainConfig
 

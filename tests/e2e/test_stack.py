@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import _drop_pg_database, _pg_database
-from worker.cli import spawn, stop, wait_http
+from worker.processes import spawn, stop, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 REDIS_URL = os.environ.get("HPARENA_TEST_REDIS", "redis://127.0.0.1:6379/15")

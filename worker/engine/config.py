@@ -18,7 +18,9 @@ Frac = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: JSON bodies may spell NaN and Infinity (Python's parser accepts them); no
+    # hyperparameter, bound or budget means anything non-finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------------
