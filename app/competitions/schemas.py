@@ -3,12 +3,21 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from app.names import Name, Title
 from worker.engine.config import Budget, Choices, DataSpec, ModelSpec, Range, effective_space
 
 SLUG = r"^[a-z0-9][a-z0-9-]{1,62}$"
+
+
+def _rfc3339_text(v: Any) -> Any:
+    if not isinstance(v, str | datetime):  # pydantic would read a bare number as a Unix time
+        raise ValueError("must be an RFC 3339 date-time string with an offset, e.g. 2026-12-01T09:00:00Z")
+    return v
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
 
 
 class CompetitionCreate(BaseModel):
@@ -26,8 +35,8 @@ class CompetitionCreate(BaseModel):
     )
     submission_quota: int | None = Field(None, ge=1, le=100000)
     quota_window_hours: float | None = Field(None, gt=0, le=24 * 365)
-    starts_at: AwareDatetime | None = Field(None, description="With a UTC offset, e.g. 2026-12-01T09:00:00Z")
-    deadline: AwareDatetime | None = Field(None, description="With a UTC offset, e.g. 2026-12-15T17:00:00+01:00")
+    starts_at: Timestamp | None = Field(None, description="With a UTC offset, e.g. 2026-12-01T09:00:00Z")
+    deadline: Timestamp | None = Field(None, description="With a UTC offset, e.g. 2026-12-15T17:00:00+01:00")
     seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
                                                                   max_length=16)
     deterministic: bool = Field(False, description="Deterministic kernels (slower; bitwise-reproducible runs).")
