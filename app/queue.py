@@ -46,6 +46,10 @@ def celery_config(settings: Settings) -> dict:
         # guarded claim makes the redelivery harmless when the run already finished.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # How long the parent waits for a dead child's result before it reports the child lost (default
+        # 10 s). This task writes its result to SQL, not through the pool, so there is nothing to wait for;
+        # the parent should record the crash and requeue before the stale-heartbeat sweep acts.
+        "worker_lost_wait": 1.0,
         # One message at a time per process: a GPU job must not sit prefetched behind another GPU job.
         "worker_prefetch_multiplier": 1,
         # One process per GPU.

@@ -6,13 +6,19 @@ database sees epoch rows while training runs and one final write when it ends.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import re
+import signal
 import socket
+import sys
 import threading
 import time
 import traceback
 from functools import lru_cache
 
+from billiard.exceptions import WorkerLostError
+from celery.worker.request import Request
 from sqlalchemy.exc import OperationalError
 
 from app.admin.service import upsert_node
@@ -65,7 +71,60 @@ class _Heartbeat(threading.Thread):
         self._done.set()
 
 
-@celery.task(name=TRAIN_TASK, bind=True)
+def _die_loudly_on_native_crashes() -> None:
+    """In the pool child, before training: a native crash must end the process with its signal, after
+    printing the Python stacks to the worker log (sys.stderr is Celery's logging proxy; __stderr__ the log).
+
+    billiard's child handles SIGABRT in Python (a clean exit, code 70), which hides the cause and runs
+    cleanup code on a heap that glibc just found corrupt. Reset it here, after billiard installed its
+    handlers; faulthandler then dumps the stacks and re-raises each fatal signal with the default action.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGABRT, signal.SIG_DFL)
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+
+
+def lost_child_reason(pool_message: str, hostname: str) -> str:
+    """billiard's "Worker exited prematurely: signal 6 (SIGABRT) Job: 2." in words a participant can read."""
+    m = re.search(r"signal (\d+) \((SIG\w+)\)", pool_message)
+    if m is None:
+        how = pool_message.split(":", 1)[-1].split(" Job:")[0].strip() or "unknown cause"
+        return f"the training process on {hostname} exited unexpectedly ({how})"
+    name = m.group(2)
+    why = {"SIGKILL": "killed, usually by the system's out-of-memory killer",
+           "SIGABRT": "aborted by native code (glibc or a library found its memory corrupt)",
+           "SIGSEGV": "crashed in native code (invalid memory access)",
+           "SIGBUS": "crashed in native code (bus error)", "SIGILL": "crashed in native code (illegal instruction)",
+           "SIGFPE": "crashed in native code (arithmetic fault)"}.get(name, "killed by a signal")
+    return f"the training process on {hostname} was {why}: signal {m.group(1)} ({name})"
+
+
+class TrainRequest(Request):
+    """Runs in the worker's parent process, which outlives a child that crashes in native code."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback wraps what the pool saw
+        cancelled = getattr(self, "_already_cancelled", False) or getattr(self, "_already_revoked", False)
+        if isinstance(exc, WorkerLostError | SystemExit) and self.args and not cancelled:
+            # A SIGSEGV/SIGABRT (a oneDNN or CUDA fault), or the kernel's OOM killer: the child can't
+            # report it, so the parent writes it on the run before the message is requeued. The retry
+            # retakes the run; after the last attempt the run fails with this text as its reason.
+            reason = lost_child_reason(str(exc), self.hostname)
+            try:
+                with session_scope() as s:
+                    runs.record_lost_child(s, int(self.args[0]), self.hostname, reason)
+            except Exception:
+                log.exception("could not record the lost child of run %s", self.args[0])
+            log.error("run %s: %s", self.args[0], reason)
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+class TrainTask(celery.Task):
+    Request = TrainRequest
+
+
+@celery.task(name=TRAIN_TASK, bind=True, base=TrainTask)
 def train_run(self, run_id: int) -> str:
     settings = get_settings()
     hostname = self.request.hostname or f"local@{socket.gethostname()}"
@@ -89,6 +148,7 @@ def train_run(self, run_id: int) -> str:
         log.info("run %s not started: %s", run_id, claim)
         return f"skipped: {claim}"
 
+    _die_loudly_on_native_crashes()
     hb = _Heartbeat(claim, settings.heartbeat_seconds)
     t0 = time.perf_counter()
     try:

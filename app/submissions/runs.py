@@ -63,8 +63,8 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
                                                           or run.worker_hostname == hostname)
         if run.status == RunStatus.running and run.attempts >= max_attempts and presumed_dead:
             gone = Claim(run_id=run.id, attempt=run.attempts, seed=run.seed, config={}, competition={})
-            finish(session, gone, RunStatus.failed,
-                   error=f"worker lost {run.attempts} times (last on {run.worker_hostname}); giving up")
+            finish(session, gone, RunStatus.failed, error=give_up_reason(run.attempts, run.worker_hostname,
+                                                                         run.error))
             return "gave up after too many lost workers"
         if run.status == RunStatus.running:
             return Busy(f"run is running on {run.worker_hostname}")
@@ -144,18 +144,17 @@ def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) ->
     """
     stale = utcnow() - timedelta(seconds=stale_after)
     candidates = session.execute(
-        select(Run.id, Run.submission_id, Run.queue, Run.attempts, Run.worker_hostname)
+        select(Run.id, Run.submission_id, Run.queue, Run.attempts, Run.worker_hostname, Run.error)
         .where(Run.status == RunStatus.running, Run.heartbeat_at < stale)
     ).all()
     requeued = []
-    for run_id, submission_id, queue, attempts, host in candidates:
+    for run_id, submission_id, queue, attempts, host, last_error in candidates:
         lock_submission(session, submission_id)
         guard = (Run.id == run_id) & (Run.status == RunStatus.running) & (Run.attempts == attempts) \
             & (Run.heartbeat_at < stale)
         if attempts >= max_attempts:
             won = session.execute(update(Run).where(guard).values(
-                status=RunStatus.failed, finished_at=utcnow(),
-                error=f"worker lost {attempts} times (last on {host}); giving up",
+                status=RunStatus.failed, finished_at=utcnow(), error=give_up_reason(attempts, host, last_error),
             ).execution_options(synchronize_session=False)).rowcount
         else:
             won = session.execute(update(Run).where(guard).values(
@@ -166,3 +165,18 @@ def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) ->
         if won:
             refresh_submission(session, submission_id)
     return requeued
+
+
+def give_up_reason(attempts: int, host: str | None, last_error: str | None) -> str:
+    """Why a run failed for good after its worker was lost `attempts` times, with the last known cause."""
+    reason = f"worker lost {attempts} times (last on {host}); giving up"
+    return f"{reason}. Last failure: {last_error}" if last_error else reason
+
+
+def record_lost_child(session: Session, run_id: int, hostname: str, reason: str) -> bool:
+    """The worker's parent saw the child training `run_id` die (a native crash, the OOM killer): say so
+    on the run, which stays running until the redelivered message retakes it or gives up."""
+    return bool(session.execute(
+        update(Run).where(Run.id == run_id, Run.status == RunStatus.running, Run.worker_hostname == hostname)
+        .values(error=reason[:4000]).execution_options(synchronize_session=False)
+    ).rowcount)

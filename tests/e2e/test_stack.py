@@ -49,7 +49,9 @@ def stack(request, tmp_path, tiny_cifar):
         "HPARENA_HARDWARE_CLASS": hw,
         "HPARENA_DEVICE": "cpu",
         "HPARENA_HEARTBEAT_SECONDS": "1",
-        "HPARENA_STALE_AFTER_SECONDS": "6",
+        # Well above the heartbeat and the parent's 1 s worker_lost_wait, so that on a loaded machine a live
+        # run is never swept as lost, and a dead child is reported by its own parent first.
+        "HPARENA_STALE_AFTER_SECONDS": "15",
         "HPARENA_SWEEP_SECONDS": "1",
     }
     port = _free_port()
@@ -215,3 +217,49 @@ def test_whole_worker_lost_its_run_is_swept_back_and_a_new_worker_finishes_it(st
         states = {w["hostname"].split("@")[0]: w["state"] for w in
                   http.get("/api/admin/workers", headers=ADMIN).json()["workers"]}
         assert states["rescuer"] == "idle"
+
+
+def _pool_children(stack: dict) -> list[int]:
+    import subprocess
+
+    worker = [p for p in stack["procs"] if "worker.cli" in " ".join(p.args)][0]
+    out = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in out]
+
+
+def test_native_crashes_in_the_training_child_fail_the_run_with_a_readable_reason(stack):
+    """The training child dies from SIGSEGV, then SIGABRT, then SIGABRT again (what a heap corruption in
+    oneDNN or a CUDA fault does): each death is recorded by the worker's parent, the run is retaken up to
+    the attempt limit, then fails saying why. The worker itself survives and trains the next entry."""
+    import signal
+
+    with httpx.Client(base_url=stack["url"], timeout=30) as http:
+        student, sid = _long_submission(http, stack, "abort")
+
+        def running_attempt(n: int):
+            def check():
+                run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
+                return run if run["status"] == "running" and run["attempts"] == n else None
+            return check
+
+        for attempt, sig in enumerate([signal.SIGSEGV, signal.SIGABRT, signal.SIGABRT], start=1):
+            _wait(running_attempt(attempt), 180, f"attempt {attempt} to start training", stack["logs"])
+            children = _pool_children(stack)
+            assert children, "the prefork pool has no child process"
+            for pid in children:
+                os.kill(pid, sig)
+
+        detail = _finished(http, stack, student, sid)
+        run = detail["runs"][0]
+        assert detail["status"] == "failed" and run["status"] == "failed", detail
+        assert run["attempts"] == 3
+        assert "worker lost 3 times" in run["error"], run["error"]
+        assert "was aborted by native code" in run["error"] and "signal 6 (SIGABRT)" in run["error"], run["error"]
+        assert detail["error"] == run["error"]
+        print(f"\nrun error after three native crashes: {run['error']}")
+
+        # The same worker process is still healthy: it trains the next submission to the end.
+        r = http.post("/api/competitions/abort/submissions", json={"config": {"batch_size": 32, "epochs": 1}},
+                      headers=student)
+        assert r.status_code == 201, r.text
+        assert _finished(http, stack, student, r.json()["id"])["status"] == "succeeded"
