@@ -99,10 +99,10 @@ def _first_epoch(http: httpx.Client, stack: dict, student: dict, sid: int) -> di
         run = http.get(f"/api/submissions/{sid}", headers=student).json()["runs"][0]
         return run if run["epochs"] else None
 
-    return _wait(written, 180, "the first epoch", stack["logs"])
+    return _wait(written, 300, "the first epoch", stack["logs"])
 
 
-def _finished(http: httpx.Client, stack: dict, student: dict, sid: int, timeout: float = 300) -> dict:
+def _finished(http: httpx.Client, stack: dict, student: dict, sid: int, timeout: float = 600) -> dict:
     def done():
         d = http.get(f"/api/submissions/{sid}", headers=student).json()
         return d if d["status"] not in ("queued", "running") else None
