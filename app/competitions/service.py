@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import secrets
 
 from fastapi import HTTPException, status
@@ -9,12 +10,13 @@ from sqlalchemy.orm import Session
 from app.auth.models import Role, User
 from app.auth.service import create_user
 from app.competitions.models import Competition, Membership, Team
-from app.competitions.schemas import CompetitionCreate
+from app.competitions.schemas import SLUG, CompetitionCreate
 from app.names import name_key
 
 
 def get_competition(session: Session, slug: str) -> Competition:
-    comp = session.scalar(select(Competition).where(Competition.slug == slug))
+    # A string no slug can match (a NUL byte, say, which PostgreSQL refuses in a query) is simply not found.
+    comp = session.scalar(select(Competition).where(Competition.slug == slug)) if re.fullmatch(SLUG, slug) else None
     if comp is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no competition {slug!r}")
     return comp

@@ -171,3 +171,20 @@ def test_a_non_finite_body_leaves_the_connection_usable(tmp_path):
         assert "Traceback" not in (tmp_path / "api.log").read_text()
     finally:
         stop(proc)
+
+
+def test_nul_bytes_anywhere_are_a_4xx_not_a_database_error(client, admin_headers):
+    """PostgreSQL refuses a NUL character in any string; it must never reach a query."""
+    org = make_organizer(client, admin_headers)
+    comp = make_competition(client, org)
+    student = join(client, comp["slug"])
+    for path in ("/api/competitions/a%00b", "/api/competitions/a%00b/leaderboard",
+                 "/api/submissions?competition=a%00b"):
+        assert client.get(path, headers=student).status_code == 404, path
+    assert client.post("/api/competitions/a%00b/join", json={"name": "x", "team": "y"}).status_code == 404
+    bad_path = competition_payload(dataset={"name": "cifar10", "path": "/data/a\x00b"})
+    r = client.post("/api/competitions", json=bad_path, headers=org)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "dataset", "path"]
+    r = client.post(f"/api/competitions/{comp['slug']}/join", json={"name": "x\x00", "team": "y"})
+    assert r.status_code == 422
+    assert client.get("/api/submissions/1", headers={"Authorization": "Bearer a\x00b"}).status_code == 401

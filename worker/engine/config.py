@@ -146,7 +146,8 @@ class ModelSpec(_Strict):
 
 class DataSpec(_Strict):
     name: Literal["cifar10", "imagefolder"] = "cifar10"
-    path: str | None = Field(None, description="Image-folder tree, tarball, or torchvision CIFAR-10 root.")
+    path: str | None = Field(None, max_length=4096, pattern=r"^[^\x00-\x1f]*$",
+                             description="Image-folder tree, tarball, or torchvision CIFAR-10 root.")
     image_size: int = Field(32, ge=8, le=1024)
     train_subset: int | None = Field(None, ge=10, description="Class-balanced training subset size.")
     test_subset: int | None = Field(None, ge=10, description="Class-balanced test subset size.")
