@@ -148,7 +148,8 @@ def train_run(self, run_id: int) -> str:
         log.info("run %s not started: %s", run_id, claim)
         return f"skipped: {claim}"
 
-    _die_loudly_on_native_crashes()
+    if not self.request.is_eager:  # in a pool child, not in a caller's process (tests, `apply`)
+        _die_loudly_on_native_crashes()
     hb = _Heartbeat(claim, settings.heartbeat_seconds)
     t0 = time.perf_counter()
     try:
