@@ -31,11 +31,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def as_utc(t: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones. Compare only aware ones."""
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC and always read back timezone-aware, on SQLite (which keeps no offset)
     as on PostgreSQL, so every datetime the API returns carries its offset (RFC 3339)."""
@@ -47,7 +42,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC) if value is not None and value.tzinfo else value
 
     def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
-        return as_utc(value) if value is not None else None
+        # SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones.
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class Base(DeclarativeBase):

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.admin.models import WorkerNode
-from app.db import as_utc, utcnow
+from app.db import utcnow
 from app.queue import queue_depth
 from app.submissions.models import Run, RunStatus
 
@@ -38,7 +38,7 @@ def fleet(session: Session) -> dict:
     now = utcnow()
     nodes = []
     for n in session.scalars(select(WorkerNode).order_by(WorkerNode.hostname)):
-        last = as_utc(n.last_seen)
+        last = n.last_seen
         nodes.append({
             "hostname": n.hostname, "queues": n.queues.split(","), "device_name": n.device_name,
             "state": "offline" if now - last > ONLINE_WITHIN else ("busy" if n.current_run_id else "idle"),

@@ -14,7 +14,7 @@ from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.competitions.models import Competition
-from app.db import as_utc, utcnow
+from app.db import utcnow
 from app.submissions.models import TERMINAL, TRANSITIONS, EpochMetric, Run, RunLogits, RunStatus, Submission
 from app.submissions.service import lock_submission, refresh_submission
 
@@ -59,7 +59,7 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
     ).rowcount
     session.refresh(run)
     if not taken:
-        presumed_dead = run.heartbeat_at is not None and (as_utc(run.heartbeat_at) < stale
+        presumed_dead = run.heartbeat_at is not None and (run.heartbeat_at < stale
                                                           or run.worker_hostname == hostname)
         if run.status == RunStatus.running and run.attempts >= max_attempts and presumed_dead:
             gone = Claim(run_id=run.id, attempt=run.attempts, seed=run.seed, config={}, competition={})

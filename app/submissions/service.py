@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.auth.models import User
 from app.competitions.models import Competition, Membership, Team
 from app.config import get_settings
-from app.db import as_utc, enqueue_after_commit, utcnow
+from app.db import enqueue_after_commit, utcnow
 from app.queue import send_train
 from app.submissions.models import TERMINAL, Run, RunStatus, Submission
 from worker.engine.config import TrainConfig, check_in_space
@@ -25,9 +25,9 @@ class QuotaExceeded(HTTPException):
 
 
 def check_open(comp: Competition, now: datetime) -> None:
-    if comp.starts_at and now < as_utc(comp.starts_at):
+    if comp.starts_at and now < comp.starts_at:
         raise HTTPException(status.HTTP_409_CONFLICT, f"competition opens at {comp.starts_at.isoformat()}")
-    if comp.deadline and now > as_utc(comp.deadline):
+    if comp.deadline and now > comp.deadline:
         raise HTTPException(status.HTTP_409_CONFLICT, f"competition closed at {comp.deadline.isoformat()}")
 
 
@@ -45,7 +45,7 @@ def check_quota(session: Session, comp: Competition, team_id: int, now: datetime
     if not comp.quota_window_hours:
         raise QuotaExceeded(f"quota of {comp.submission_quota} submissions used; it does not reset", None)
     # The window slides: the oldest counted submission leaves it first.
-    frees_at = as_utc(used[len(used) - comp.submission_quota]) + timedelta(hours=comp.quota_window_hours)
+    frees_at = used[len(used) - comp.submission_quota] + timedelta(hours=comp.quota_window_hours)
     wait = max(1, int((frees_at - now).total_seconds()) + 1)
     raise QuotaExceeded(
         f"quota of {comp.submission_quota} submissions per {comp.quota_window_hours:g} h used; "

@@ -173,17 +173,15 @@ def test_killed_worker_child_is_replaced_and_the_run_finishes_once(stack):
     """SIGKILL the pool process mid-training: late ack + reject_on_worker_lost bring the message back,
     the worker's new child retakes the run (attempt 2), and exactly one result lands."""
     import signal
-    import subprocess
 
     with httpx.Client(base_url=stack["url"], timeout=30) as http:
         student, sid = _long_submission(http, stack, "crash")
 
         _first_epoch(http, stack, student, sid)
-        worker = [p for p in stack["procs"] if "worker.cli" in " ".join(p.args)][0]
-        children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True, text=True).stdout.split()
+        children = _pool_children(stack)
         assert children, "the prefork pool has no child process"
         for pid in children:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
         detail = _finished(http, stack, student, sid)
         run = detail["runs"][0]
