@@ -20,15 +20,11 @@ import torch
 import torchvision
 from PIL import Image
 
+from tests.synthetic import synthetic_dataset
 from worker.engine.config import DataSpec
-from worker.engine.data import (
-    Dataset,
-    DatasetError,
-    balanced_subset,
-    load_dataset,
-    pack_source,
-    synthetic_dataset,
-)
+from worker.engine.data import Dataset, DatasetError, load_dataset
+from worker.engine.packing import pack_source
+from worker.engine.subsets import balanced_subset
 
 REAL_TAR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

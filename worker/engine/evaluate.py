@@ -4,9 +4,11 @@ Metrics take float logits (M, K) and integer labels (M,) on any device and retur
 floats/lists, ready to be stored as JSON. Calibration follows Guo et al. (2017), "On Calibration of
 Modern Neural Networks": ECE over equal-width max-probability bins, and temperature scaling.
 
-The test set is split once, deterministically, into a public half (shown on the live leaderboard) and a
-private half (revealed when the competition closes), so tuning against the public score cannot overfit
-the final ranking.
+The test set is split once, deterministically, into a public half and a private half, and the metrics
+are reported for each. A run's `accuracy`, the score the leaderboard ranks on, is the public half's.
+The private half's (`private_accuracy`, and `accuracy_all` over both halves) is stored with the run but
+stripped from everything participants see, so it stays a score that nobody has tuned against; no
+leaderboard shows it yet.
 """
 
 from __future__ import annotations
