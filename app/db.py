@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 
-from sqlalchemy import DateTime, MetaData, TypeDecorator, create_engine, event
+from pydantic import BaseModel
+from sqlalchemy import JSON, DateTime, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -44,6 +45,24 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
         # SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones.
         return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+class PydanticJSON(TypeDecorator):
+    """A pydantic model stored as JSON and read back as that model, so a typed value stays typed through
+    the database (a RunSpec goes in, a RunSpec comes out)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def __init__(self, model: type[BaseModel]):
+        super().__init__()
+        self.model = model
+
+    def process_bind_param(self, value: BaseModel | None, dialect):
+        return None if value is None else self.model.model_validate(value).model_dump(mode="json")
+
+    def process_result_value(self, value, dialect) -> BaseModel | None:
+        return None if value is None else self.model.model_validate(value)
 
 
 class Base(DeclarativeBase):

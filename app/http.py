@@ -1,8 +1,10 @@
 """The API's edges: one error body for every status, a request-size limit, and 422s that always encode.
 
 Every error the API returns is `{"detail": ...}`: a string for 4xx raised by the services, a list of
-field errors for 422 (the same shape FastAPI uses for validation). `error_responses` declares them in
-the OpenAPI document, so a client (or schemathesis) can rely on each status an endpoint may return.
+field errors for 422 (the same shape FastAPI uses for validation). Services raise `app.errors` domain
+errors; `domain_error_handler` is the one place that maps them to statuses. `error_responses` declares
+the statuses in the OpenAPI document, so a client (or schemathesis) can rely on each one an endpoint
+may return.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import Conflict, DomainError, Forbidden, NotFound, OutsideSearchSpace, QuotaExceeded, Unauthorized
+from worker.engine.config import Violation
 
 
 class ErrorOut(BaseModel):
@@ -87,6 +92,40 @@ async def validation_error_handler(_request: Request, exc: RequestValidationErro
             out["ctx"] = json_echo(e["ctx"])
         errors.append(out)
     return JSONResponse({"detail": errors}, status_code=422)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Domain errors -> statuses
+# ----------------------------------------------------------------------------------------------------
+
+STATUS_OF: dict[type[DomainError], int] = {
+    NotFound: 404,
+    Conflict: 409,
+    Unauthorized: 401,
+    Forbidden: 403,
+    QuotaExceeded: 429,
+    OutsideSearchSpace: 422,
+}
+
+
+async def domain_error_handler(_request: Request, exc: DomainError) -> JSONResponse:
+    status = next((STATUS_OF[k] for k in type(exc).__mro__ if k in STATUS_OF), None)
+    if status is None:  # a DomainError nobody mapped is a bug: let it be a 500, not a guess
+        raise exc
+    if isinstance(exc, OutsideSearchSpace):
+        return JSONResponse({"detail": [_field_error(v) for v in exc.violations]}, status_code=status)
+    headers = {}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, QuotaExceeded) and exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers or None)
+
+
+def _field_error(v: Violation) -> dict[str, Any]:
+    """A violation in the shape of a FastAPI validation error, located at the submitted config's field."""
+    return {"loc": ["body", "config", v.field], "msg": v.message, "type": "outside_search_space",
+            "input": json_echo(v.value), "ctx": json_echo({"allowed": v.allowed})}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from app.auth.service import ensure_admin
 from app.competitions.router import router as competitions_router
 from app.config import get_settings
 from app.db import session_scope
-from app.http import BodySizeLimit, validation_error_handler
+from app.errors import DomainError
+from app.http import BodySizeLimit, domain_error_handler, validation_error_handler
 from app.leaderboard.router import router as leaderboard_router
 from app.submissions.router import router as submissions_router
 
@@ -36,6 +37,7 @@ def create_app() -> FastAPI:
     for r in (competitions_router, submissions_router, leaderboard_router, admin_router):
         app.include_router(r)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(DomainError, domain_error_handler)
     app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
 
     @app.get("/api/health", tags=["meta"])

@@ -1,4 +1,6 @@
-"""Run Alembic programmatically: tests, the demo and the worker all build the schema this way."""
+"""Run Alembic programmatically. `hparena migrate` (docker-compose's `migrate` service), `hparena api`
+before it serves, `hparena demo` and the test fixtures build the schema this way. The worker never
+migrates: it runs against a schema one of these has built."""
 
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def base_parser(doc: str | None) -> argparse.ArgumentParser:
 
 def device_of(args: argparse.Namespace) -> torch.device:
     """The device the engine side runs on (the engine's own resolution: auto = CUDA when available)."""
-    from worker.engine.train import EngineError, resolve_device
+    from worker.engine.device import resolve_device
+    from worker.engine.result import EngineError
 
     try:
         return resolve_device(args.device)
@@ -59,15 +60,15 @@ def sync(device: torch.device) -> None:
 
 
 def device_note(device: torch.device) -> str:
-    from worker.engine.train import device_info
+    from worker.engine.device import device_info
 
-    return f"{device} ({device_info(device)['name']})"
+    return f"{device} ({device_info(device).name})"
 
 
 def setup_cpu(threads: int | None) -> int:
     """Torch's intra-op threads, and the engine's CPU allocator setting (`tune_cpu_allocator`, which
     `train()` applies itself) set up front, so that engine and baseline run under the same allocator."""
-    from worker.engine.train import tune_cpu_allocator
+    from worker.engine.device import tune_cpu_allocator
 
     tune_cpu_allocator()
     if threads:

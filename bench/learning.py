@@ -36,6 +36,7 @@ import time
 import _common as c
 
 from worker.engine.config import Budget, DataSpec, ModelSpec, RunSpec, TrainConfig
+from worker.engine.result import EpochEvent, Event
 from worker.engine.train import train
 
 TARGET_ACC = 0.85
@@ -147,7 +148,7 @@ def calibrate(args, cfg: TrainConfig, device) -> float:
     data = c.load_cifar(args.data, args.cache_dir, args.calibration_images, 100)
     spec = RunSpec(config=cfg.model_copy(update={"epochs": 2, "tta": "none"}),
                    model=ModelSpec(width=args.width), budget=Budget(max_epochs=2), eval_every_epoch=False)
-    summary = train(spec, data, device).summary
+    summary = train(spec, data, device).to_json()
     return summary["history"][-1]["images_per_sec"]
 
 
@@ -158,17 +159,17 @@ def run(name: str, spec: RunSpec, data, device) -> dict:
     t0 = time.perf_counter()
     rows = []
 
-    def on_event(e: dict) -> None:
-        if e["kind"] == "epoch":
-            acc = e["test_accuracy"]
-            rows.append([e["epoch"], e["train_loss"], e["seconds"], time.perf_counter() - t0,
-                         "-" if acc is None else f"{100 * acc:.2f}%", e["images_per_sec"]])
+    def on_event(e: Event) -> None:
+        if isinstance(e, EpochEvent):
+            acc = e.test_accuracy
+            rows.append([e.epoch, e.train_loss, e.seconds, time.perf_counter() - t0,
+                         "-" if acc is None else f"{100 * acc:.2f}%", e.images_per_sec])
             shown = "-" if acc is None else f"{100 * acc:.2f}%"
-            print(f"  epoch {e['epoch']}/{e['epochs']}: loss {e['train_loss']:.3f}, "
-                  f"train {e['seconds']:.0f}s, wall {time.perf_counter() - t0:.0f}s, public acc {shown}",
+            print(f"  epoch {e.epoch}/{e.epochs}: loss {e.train_loss:.3f}, "
+                  f"train {e.seconds:.0f}s, wall {time.perf_counter() - t0:.0f}s, public acc {shown}",
                   flush=True)
 
-    s = train(spec, data, device, on_event).summary
+    s = train(spec, data, device, on_event).to_json()
     wall = time.perf_counter() - t0
     print(c.table(["epoch", "train loss", "train s", "wall s", "public acc (no TTA)", "img/s"], rows))
     m = s.get("metrics") or {}

@@ -26,12 +26,14 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import _common as c
 import torch
 
 from worker.engine.config import Budget, DataSpec, ModelSpec, RunSpec, TrainConfig
-from worker.engine.data import load_dataset, pack_source
+from worker.engine.data import load_dataset
+from worker.engine.packing import pack_source
 from worker.engine.train import train
 
 LOAD_TARGET_S = 1.0
@@ -110,19 +112,18 @@ def demo_part(args) -> dict:
     data = load_dataset(spec.data, args.cache_dir, download=False, default_path=args.data)
     load_s = time.perf_counter() - t0
 
-    marks: list[tuple[float, dict]] = []
+    marks: list[tuple[float, Any]] = []
     device = c.device_of(args)
     result = train(spec, data, device, on_event=lambda e: marks.append((time.perf_counter(), e)))
-    s = result.summary
-    t_setup = next(t for t, e in marks if e["kind"] == "setup")
-    progress = [(t, e) for t, e in marks if e["kind"] == "progress"]
+    s = result.to_json()
+    t_setup = next(t for t, e in marks if e.kind == "setup")
+    progress = [(t, e) for t, e in marks if e.kind == "progress"]
     # Steady step time: median over consecutive progress events within one epoch (no evaluation between).
     pairs = zip(progress, progress[1:], strict=False)
-    per_step = [(t2 - t1) / (e2["step"] - e1["step"])
-                for (t1, e1), (t2, e2) in pairs if e1["epoch"] == e2["epoch"]]
+    per_step = [(t2 - t1) / (e2.step - e1.step) for (t1, e1), (t2, e2) in pairs if e1.epoch == e2.epoch]
     steady = c.median(per_step)
     t_k, e_k = progress[0]
-    first_step = (t_k - t_setup) - (e_k["step"] - 1) * steady  # exact when progress comes every step
+    first_step = (t_k - t_setup) - (e_k.step - 1) * steady  # exact when progress comes every step
     setup_s = s["timings"]["setup_seconds"]
     warmup = first_step - steady
     overhead = load_s + setup_s + first_step

@@ -81,7 +81,7 @@ def main() -> None:
     spec32 = spec.model_copy(update={"config": spec.config.model_copy(update={"precision": "fp32"})})
 
     def engine_run(fp32: bool = False) -> dict:
-        return train(spec32 if fp32 else spec, data, device).summary
+        return train(spec32 if fp32 else spec, data, device).to_json()
 
     # ---- baseline: the tutorial loop --------------------------------------------------------------------
     tutorial = c.tutorial_transform(mean, std)

@@ -14,6 +14,8 @@ from app.competitions.models import Competition, Membership, Team
 from app.db import utcnow
 from app.names import name_key
 from app.submissions.models import Run, RunStatus, Submission
+from app.submissions.service import run_spec
+from worker.engine.config import TrainConfig
 
 _n = itertools.count(1)
 
@@ -119,9 +121,10 @@ class SubmissionFactory(_Base):
 
     @factory.post_generation
     def with_run(obj, create, extracted, **kwargs):
-        run = Run(submission_id=obj.id, seed=0, queue="train.cpu", status=obj.status, attempts=1,
-                  accuracy=obj.accuracy, gpu_seconds=obj.gpu_seconds)
         session = SubmissionFactory._meta.sqlalchemy_session
+        spec = run_spec(session.get(Competition, obj.competition_id), TrainConfig.model_validate(obj.config), 0)
+        run = Run(submission_id=obj.id, seed=0, spec=spec, spec_hash=spec.identity(), queue="train.cpu",
+                  status=obj.status, attempts=1, accuracy=obj.accuracy, gpu_seconds=obj.gpu_seconds)
         session.add(run)
         session.commit()
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:  # the engine loads lazily: `hparena api` never imports torch
+    from worker.engine.result import TrainResult
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="hparena: hyperparameter-tuning competitions on ResNet18/CIFAR-10.")
@@ -63,8 +66,7 @@ def train(
 
     from app.config import get_settings
     from worker.engine.data import DatasetError, load_dataset
-    from worker.engine.report import json_safe
-    from worker.engine.train import EngineError
+    from worker.engine.result import EngineError, EpochEvent, Event, Outcome, ProgressEvent, SetupEvent
     from worker.engine.train import train as run_engine
 
     spec = load_run_spec(config, data, epochs)
@@ -84,49 +86,46 @@ def train(
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("setup", total=None, loss=float("nan"), acc="-", ips=0.0)
 
-        def on_event(e: dict) -> None:
-            if e["kind"] == "setup":
-                progress.update(bar, description=f"train on {e['device']} ({e['precision']})",
-                                total=e["total_steps"])
-            elif e["kind"] == "progress":
-                progress.update(bar, completed=e["step"], loss=e["loss"], ips=e["images_per_sec"])
-            elif e["kind"] == "epoch":
-                acc = "-" if e["test_accuracy"] is None else f"{e['test_accuracy']:.3f}"
-                progress.update(bar, acc=acc, loss=e["train_loss"])
-                progress.console.print(f"epoch {e['epoch']}/{e['epochs']}: loss {e['train_loss']:.4f}, "
-                                       f"public acc {acc}, {e['images_per_sec']:.0f} img/s")
+        def on_event(e: Event) -> None:
+            if isinstance(e, SetupEvent):
+                progress.update(bar, description=f"train on {e.device} ({e.precision})", total=e.total_steps)
+            elif isinstance(e, ProgressEvent):
+                progress.update(bar, completed=e.step, loss=e.loss, ips=e.images_per_sec)
+            elif isinstance(e, EpochEvent):
+                acc = "-" if e.test_accuracy is None else f"{e.test_accuracy:.3f}"
+                loss = float("nan") if e.train_loss is None else e.train_loss
+                progress.update(bar, acc=acc, loss=loss)
+                progress.console.print(f"epoch {e.epoch}/{e.epochs}: loss {loss:.4f}, "
+                                       f"public acc {acc}, {e.images_per_sec:.0f} img/s")
 
         try:
             result = run_engine(spec, dataset, device, on_event)
         except EngineError as e:
             console.print(f"[red]training failed:[/red] {e}")
             raise typer.Exit(1) from None
-    summary = json_safe(result.summary)
-    out.write_text(json.dumps(summary, indent=2, allow_nan=False))
-    _print_summary(summary)
+    out.write_text(json.dumps(result.to_json(), indent=2, allow_nan=False))
+    _print_summary(result)
     console.print(f"Result written to {out}")
-    if summary["status"] != "succeeded":
+    if result.status != Outcome.succeeded:
         raise typer.Exit(1)
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(r: TrainResult) -> None:
     t = Table(title="Result", show_header=False)
-    t.add_row("status", f"{s['status']} ({s['stop_reason']})")
-    if s.get("accuracy") is not None:
-        t.add_row("accuracy (public half)", f"{s['accuracy']:.4f}")
-        t.add_row("accuracy (private half)", f"{s['private_accuracy']:.4f}")
-        t.add_row("ECE / after temperature", f"{s['metrics']['public']['ece']:.4f} / "
-                                             f"{s['metrics']['public']['ece_temperature']:.4f}")
-    if s.get("diverged_step"):
-        t.add_row("diverged at", f"step {s['diverged_step']} (epoch {s['diverged_epoch']})")
-    t.add_row("epochs", f"{s['epochs_completed']}/{s['epochs_planned']}")
-    t.add_row("device", f"{s['device']['name']} ({s['precision']})")
-    t.add_row("device-seconds", f"{s['device_seconds']:.1f}")
-    if s.get("images_per_sec"):
-        t.add_row("images/s", f"{s['images_per_sec']:.0f}")
-    tm = s["timings"]
-    t.add_row("setup / train / eval s", f"{tm['setup_seconds']:.1f} / {tm['train_seconds']:.1f} / "
-                                        f"{tm['eval_seconds']:.1f}")
+    t.add_row("status", f"{r.status.value} ({r.stop_reason.value})")
+    if r.metrics is not None:
+        t.add_row("accuracy (public half)", f"{r.metrics.public.accuracy:.4f}")
+        t.add_row("accuracy (private half)", f"{r.metrics.private.accuracy:.4f}")
+        t.add_row("ECE / after temperature", f"{r.metrics.public.ece:.4f} / {r.metrics.public.ece_temperature:.4f}")
+    if r.diverged_step:
+        t.add_row("diverged at", f"step {r.diverged_step} (epoch {r.diverged_epoch})")
+    t.add_row("epochs", f"{r.epochs_completed}/{r.epochs_planned}")
+    t.add_row("device", f"{r.device.name} ({r.precision})")
+    t.add_row("device-seconds", f"{r.device_seconds:.1f}")
+    if r.images_per_sec:
+        t.add_row("images/s", f"{r.images_per_sec:.0f}")
+    tm = r.timings
+    t.add_row("setup / train / eval s", f"{tm.setup_seconds:.1f} / {tm.train_seconds:.1f} / {tm.eval_seconds:.1f}")
     console.print(t)
 
 

@@ -1,7 +1,8 @@
-"""The train task: prepare -> claim -> run the engine -> report -> clean up.
+"""The train task: claim -> prepare -> run the engine -> report -> clean up.
 
-A thin shell around the engine. Everything the engine learns flows back through `on_event`; the
-database sees epoch rows while training runs and one final write when it ends.
+A thin shell around the engine. The claim hands over the run's stored RunSpec, the only thing the worker
+knows about the competition. Everything the engine learns flows back through typed events; the database
+sees epoch rows while training runs and one final write (`result_columns`) when it ends.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 import traceback
 from functools import lru_cache
+from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
@@ -28,14 +30,19 @@ from app.queue import TRAIN_TASK
 from app.submissions import runs
 from app.submissions.models import RunStatus
 from worker.celery_app import celery
+from worker.engine.config import DataSpec
+from worker.engine.result import EngineError, EpochEvent, Event, Outcome, ProgressEvent, StopRequested, TrainResult
 
 log = logging.getLogger("hparena.worker")
 
 
+def _dataset(spec: DataSpec):
+    return _cached_dataset(spec.model_dump_json())  # the JSON is the cache key: the model is mutable
+
+
 @lru_cache(maxsize=2)
-def _dataset(spec_json: str):
+def _cached_dataset(spec_json: str):
     """Packed datasets are cached on disk; this keeps the last ones in the worker process as well."""
-    from worker.engine.config import DataSpec
     from worker.engine.data import load_dataset
 
     s = get_settings()
@@ -43,15 +50,29 @@ def _dataset(spec_json: str):
                         default_path=s.dataset_path)
 
 
+def result_columns(result: TrainResult) -> dict[str, Any]:
+    """The one mapping from the engine's result onto the run's row: the record itself, its indexed copies
+    (see app.submissions.models.Run) and, for a diverged run, the reason in words."""
+    fields: dict[str, Any] = dict(
+        result=result.to_json(), gpu_seconds=result.device_seconds, stop_reason=result.stop_reason.value,
+        device_name=result.device.name, accuracy=result.accuracy, private_accuracy=result.private_accuracy,
+        diverged_epoch=result.diverged_epoch, diverged_step=result.diverged_step, logits=result.logits,
+    )
+    if result.status == Outcome.diverged:
+        fields["error"] = f"loss became NaN/inf at step {result.diverged_step} (epoch {result.diverged_epoch})"
+    return fields
+
+
 class _Heartbeat(threading.Thread):
     """Refreshes the run's heartbeat while training; notices cancellation from the API."""
 
-    def __init__(self, claim: runs.Claim, interval: float):
+    def __init__(self, claim: runs.Claimed, interval: float):
         super().__init__(name=f"heartbeat-run-{claim.run_id}", daemon=True)
         self.claim, self.interval = claim, interval
         self.progress = 0.0
         self.device_name: str | None = None
         self.stop_requested = threading.Event()
+        self.stopped_because = "cancelled"  # or runs.SUPERSEDED: what the last beat found
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -63,6 +84,7 @@ class _Heartbeat(threading.Thread):
             with session_scope() as s:
                 status = runs.heartbeat(s, self.claim, self.progress, self.device_name)
             if status != RunStatus.running:
+                self.stopped_because = status
                 self.stop_requested.set()
         except Exception:  # a missed beat is not fatal; the stale window is many beats long
             log.exception("heartbeat failed for run %s", self.claim.run_id)
@@ -144,7 +166,7 @@ def train_run(self, run_id: int) -> str:
         # heartbeat is stale; if it finishes, this copy finds the run done and goes away.
         log.info("run %s: %s; checking again in %.0f s", run_id, claim, settings.stale_after_seconds)
         raise self.retry(countdown=settings.stale_after_seconds + settings.heartbeat_seconds, max_retries=None)
-    if isinstance(claim, str):
+    if not isinstance(claim, runs.Claimed):
         log.info("run %s not started: %s", run_id, claim)
         return f"skipped: {claim}"
 
@@ -155,57 +177,41 @@ def train_run(self, run_id: int) -> str:
     try:
         # ---- prepare ------------------------------------------------------------------------------------
         # Imported here, in the child: the parent process never loads CUDA.
-        from worker.engine.config import RunSpec, TrainConfig
-        from worker.engine.train import StopRequested, device_info, resolve_device, train
+        from worker.engine.device import device_info, resolve_device
+        from worker.engine.train import train
 
         device = resolve_device(settings.device)
-        hb.device_name = device_info(device)["name"]
+        hb.device_name = device_info(device).name
         with session_scope() as s:
             upsert_node(s, hostname, queue, current_run_id=run_id, device_name=hb.device_name)
         hb.start()
         hb.beat()
-        comp = claim.competition
-        spec = RunSpec(config=TrainConfig.model_validate(claim.config), model=comp["model"],
-                       data=comp["dataset"], budget=comp["budget"], seed=claim.seed,
-                       deterministic=comp["deterministic"])
-        data = _dataset(spec.data.model_dump_json())
+        data = _dataset(claim.spec.data)
 
-        def on_event(event: dict) -> None:
-            if event["kind"] == "progress":
-                hb.progress = event["step"] / max(event["total_steps"], 1)
-            elif event["kind"] == "epoch":
-                hb.progress = event["epoch"] / event["epochs"]
+        def on_event(event: Event) -> None:
+            if isinstance(event, ProgressEvent):
+                hb.progress = event.fraction
+            elif isinstance(event, EpochEvent):
+                hb.progress = event.fraction
                 with session_scope() as s:
                     runs.record_epoch(s, claim, event, hb.progress)
             if hb.stop_requested.is_set():
                 raise StopRequested
 
         # ---- run ------------------------------------------------------------------------------------------
-        result = train(spec, data, device, on_event)
-        summary = result.summary  # already strict JSON (NaN -> None) from the engine
+        result = train(claim.spec, data, device, on_event)
 
         # ---- report ---------------------------------------------------------------------------------------
-        status = RunStatus(summary["status"])
-        if status == RunStatus.cancelled:
-            return "cancelled"  # the API already wrote the terminal state
-        fields = dict(
-            gpu_seconds=summary["device_seconds"], wall_seconds=time.perf_counter() - t0,
-            stop_reason=summary["stop_reason"], device_name=summary["device"]["name"], result=summary,
-        )
-        if status == RunStatus.diverged:
-            fields.update(diverged_epoch=summary["diverged_epoch"], diverged_step=summary["diverged_step"],
-                          error=f"loss became NaN/inf at step {summary['diverged_step']} "
-                                f"(epoch {summary['diverged_epoch']})")
-        else:
-            fields.update(accuracy=summary["accuracy"], private_accuracy=summary["private_accuracy"],
-                          logits=result.logits)
+        if result.status == Outcome.cancelled:
+            # The participant's cancel (or the attempt that superseded this one) already wrote the run's
+            # state; this worker writes nothing more.
+            return hb.stopped_because
         with session_scope() as s:
-            written = runs.finish(s, claim, status, **fields)
-        return status.value if written else "superseded"
+            not_ours = runs.finish(s, claim, RunStatus(result.status.value), **result_columns(result),
+                                   wall_seconds=time.perf_counter() - t0)
+        return not_ours or result.status.value
     except Exception as exc:
         # Every failure leaves the run saying why.
-        from worker.engine.train import EngineError
-
         text = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
         log.error("run %s failed: %s\n%s", run_id, text, traceback.format_exc())
         try:

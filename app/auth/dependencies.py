@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth.models import Role, User
 from app.auth.service import user_for_token
 from app.db import get_session
+from app.errors import Forbidden, Unauthorized
 
 # scope="function": commit (and send queued Celery messages) before the response goes out. With the default
 # "request" scope FastAPI commits after sending, so a client could act on a 201 whose row isn't committed yet,
@@ -21,18 +22,17 @@ _bearer = HTTPBearer(auto_error=False)
 
 def current_user(session: SessionDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
     if creds is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing bearer token")
     user = user_for_token(session, creds.credentials)
     if user is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("invalid token")
     return user
 
 
 def _require(*roles: Role):
     def check(user: Annotated[User, Depends(current_user)]) -> User:
         if user.role not in roles:
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"requires role: {' or '.join(roles)}")
+            raise Forbidden(f"requires role: {' or '.join(roles)}")
         return user
 
     return check

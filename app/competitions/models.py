@@ -6,7 +6,8 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base, TimestampMixin, UTCDateTime
+from app.db import Base, PydanticJSON, TimestampMixin, UTCDateTime
+from worker.engine.config import Budget, DataSpec, ModelSpec
 
 
 class Competition(TimestampMixin, Base):
@@ -15,10 +16,10 @@ class Competition(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     slug: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     title: Mapped[str] = mapped_column(String(200))
-    # worker.engine.config.DataSpec / ModelSpec / Budget, as JSON
-    dataset: Mapped[dict[str, Any]] = mapped_column(JSON)
-    model: Mapped[dict[str, Any]] = mapped_column(JSON)
-    budget: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # What the competition fixes for every run, stored as JSON and read back typed.
+    dataset: Mapped[DataSpec] = mapped_column(PydanticJSON(DataSpec))
+    model: Mapped[ModelSpec] = mapped_column(PydanticJSON(ModelSpec))
+    budget: Mapped[Budget] = mapped_column(PydanticJSON(Budget))
     hardware_class: Mapped[str] = mapped_column(String(50), default="cpu")
     # {hyperparameter: {"min":..,"max":..} | {"choices":[..]}}
     search_space: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -2,15 +2,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
 
 from app.auth.dependencies import CurrentOrganizer, SessionDep
 from app.auth.service import user_for_token
 from app.competitions import service
-from app.competitions.models import Competition
 from app.competitions.schemas import CompetitionCreate, CompetitionOut, JoinOut, JoinRequest
+from app.errors import Unauthorized
 from app.http import BODY_ERRORS, error_responses
 
 router = APIRouter(prefix="/api/competitions", tags=["competitions"])
@@ -24,7 +23,7 @@ def create_competition(data: CompetitionCreate, session: SessionDep, organizer: 
 
 @router.get("", response_model=list[CompetitionOut])
 def list_competitions(session: SessionDep):
-    return session.scalars(select(Competition).order_by(Competition.created_at.desc())).all()
+    return service.list_competitions(session)
 
 
 @router.get("/{slug}", response_model=CompetitionOut, responses=error_responses(404))
@@ -46,6 +45,6 @@ def join_competition(
     if creds is not None:
         caller = user_for_token(session, creds.credentials)
         if caller is None:  # a typo'd token must not silently mint a second identity
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized("invalid token")
     user, team, token = service.join(session, comp, data.name, data.team, data.invite_code, caller)
     return JoinOut(user_id=user.id, team_id=team.id, team=team.name, invite_code=team.invite_code, token=token)

@@ -72,9 +72,9 @@ class CompetitionOut(BaseModel):
     id: int
     slug: str
     title: str
-    dataset: dict[str, Any]
-    model: dict[str, Any]
-    budget: dict[str, Any]
+    dataset: DataSpec
+    model: ModelSpec
+    budget: Budget
     hardware_class: str
     search_space: dict[str, Any]
     submission_quota: int | None

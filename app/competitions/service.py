@@ -3,7 +3,6 @@ from __future__ import annotations
 import re
 import secrets
 
-from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,6 +10,7 @@ from app.auth.models import Role, User
 from app.auth.service import create_user
 from app.competitions.models import Competition, Membership, Team
 from app.competitions.schemas import SLUG, CompetitionCreate
+from app.errors import Conflict, Forbidden, NotFound
 from app.names import name_key
 
 
@@ -18,19 +18,24 @@ def get_competition(session: Session, slug: str) -> Competition:
     # A string no slug can match (a NUL byte, say, which PostgreSQL refuses in a query) is simply not found.
     comp = session.scalar(select(Competition).where(Competition.slug == slug)) if re.fullmatch(SLUG, slug) else None
     if comp is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no competition {slug!r}")
+        raise NotFound(f"no competition {slug!r}")
     return comp
+
+
+def list_competitions(session: Session) -> list[Competition]:
+    """Every competition, newest first."""
+    return list(session.scalars(select(Competition).order_by(Competition.created_at.desc())))
 
 
 def create_competition(session: Session, data: CompetitionCreate, creator: User | None) -> Competition:
     if session.scalar(select(Competition.id).where(Competition.slug == data.slug)) is not None:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"competition {data.slug!r} already exists")
+        raise Conflict(f"competition {data.slug!r} already exists")
     comp = Competition(
         slug=data.slug,
         title=data.title,
-        dataset=data.dataset.model_dump(),
-        model=data.model.model_dump(),
-        budget=data.budget.model_dump(),
+        dataset=data.dataset,
+        model=data.model,
+        budget=data.budget,
         hardware_class=data.hardware_class,
         search_space={k: v.model_dump(exclude_none=True) for k, v in data.search_space.items()},
         submission_quota=data.submission_quota,
@@ -52,7 +57,7 @@ def join(session: Session, comp: Competition, name: str, team_name: str, invite_
     code; an existing one needs that code."""
     if user is not None and session.scalar(select(Membership.id).where(Membership.user_id == user.id,
                                                                        Membership.competition_id == comp.id)):
-        raise HTTPException(status.HTTP_409_CONFLICT, "you already joined this competition")
+        raise Conflict("you already joined this competition")
     key = name_key(team_name)
     team = session.scalar(select(Team).where(Team.competition_id == comp.id, Team.name_key == key))
     if team is None:
@@ -60,8 +65,7 @@ def join(session: Session, comp: Competition, name: str, team_name: str, invite_
         session.add(team)
         session.flush()
     elif invite_code is None or not secrets.compare_digest(invite_code, team.invite_code):
-        raise HTTPException(status.HTTP_403_FORBIDDEN,
-                            f"team {team.name!r} already exists: joining it needs its invite_code from a member")
+        raise Forbidden(f"team {team.name!r} already exists: joining it needs its invite_code from a member")
     token = None
     if user is None:
         user, token = create_user(session, name, Role.participant)
@@ -74,5 +78,5 @@ def membership(session: Session, comp: Competition, user: User) -> Membership:
     m = session.scalar(select(Membership).where(Membership.user_id == user.id,
                                                 Membership.competition_id == comp.id))
     if m is None:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"join competition {comp.slug!r} before submitting")
+        raise Forbidden(f"join competition {comp.slug!r} before submitting")
     return m

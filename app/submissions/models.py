@@ -19,7 +19,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.db import Base, TimestampMixin, UTCDateTime
+from app.db import Base, PydanticJSON, TimestampMixin, UTCDateTime
+from worker.engine.config import RunSpec
 
 
 class RunStatus(StrEnum):
@@ -67,6 +68,10 @@ class Run(TimestampMixin, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     submission_id: Mapped[int] = mapped_column(ForeignKey("submission.id", ondelete="CASCADE"), index=True)
     seed: Mapped[int] = mapped_column(Integer)
+    # Everything this run computes from, resolved once at submission (config with every default filled in,
+    # the competition's data, model and budget, this run's seed). The worker reads this and nothing else.
+    spec: Mapped[RunSpec] = mapped_column(PydanticJSON(RunSpec))
+    spec_hash: Mapped[str] = mapped_column(String(64), index=True)  # RunSpec.identity(): equal hash, equal run
     queue: Mapped[str] = mapped_column(String(80))
     status: Mapped[str] = mapped_column(String(20), default=RunStatus.queued)
     # Bumped by every claim; updates carry it as a fencing token so a presumed-dead worker can't write.
@@ -77,6 +82,10 @@ class Run(TimestampMixin, Base):
     worker_hostname: Mapped[str | None] = mapped_column(String(255), nullable=True)
     device_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1 of the epoch budget
+    # The engine's TrainResult (worker.engine.result) is the record, stored whole in `result`. The columns
+    # from here to `diverged_step` are its indexed copies, written from it by worker.tasks.result_columns
+    # in the same UPDATE, so SQL can rank, sum and filter without parsing JSON. gpu_seconds is the result's
+    # device_seconds; wall_seconds is the worker's own clock (claim to finish), not in the result.
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)  # public test half
     private_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -85,7 +94,8 @@ class Run(TimestampMixin, Base):
     diverged_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     diverged_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # The engine's full result: resolved spec, versions, device, timings, per-half metrics.
+    # TrainResult.to_json(): resolved spec, versions, device, timings, per-half metrics. Read it typed with
+    # TrainResult.model_validate.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     submission: Mapped[Submission] = relationship(back_populates="runs")

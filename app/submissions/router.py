@@ -3,13 +3,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, status
-from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.auth.dependencies import CurrentUser, SessionDep
 from app.competitions.service import get_competition, membership
 from app.http import BODY_ERRORS, error_responses
 from app.submissions import service
-from app.submissions.models import EpochMetric, Submission
+from app.submissions.models import Submission
 from app.submissions.schemas import EpochOut, RunDetail, SubmissionCreate, SubmissionDetail, SubmissionOut
 
 router = APIRouter(prefix="/api", tags=["submissions"])
@@ -45,13 +45,12 @@ def cancel_submission(submission_id: SubmissionId, session: SessionDep, user: Cu
     return _detail(session, service.cancel(session, sub))
 
 
-def _detail(session, sub: Submission) -> SubmissionDetail:
-    epochs = session.scalars(select(EpochMetric).where(EpochMetric.run_id.in_([r.id for r in sub.runs]))
-                             .order_by(EpochMetric.run_id, EpochMetric.epoch)).all()
+def _detail(session: Session, sub: Submission) -> SubmissionDetail:
+    epochs = service.epochs_by_run(session, [r.id for r in sub.runs])
     runs = []
     for r in sub.runs:
         detail = RunDetail.model_validate(r)
-        detail.epochs = [EpochOut.model_validate(e) for e in epochs if e.run_id == r.id]
+        detail.epochs = [EpochOut.model_validate(e) for e in epochs.get(r.id, [])]
         detail.result = service.participant_view(r.result)
         runs.append(detail)
     return SubmissionDetail(**SubmissionOut.model_validate(sub).model_dump(), runs=runs)

@@ -10,31 +10,63 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.competitions.models import Competition
 from app.db import utcnow
-from app.submissions.models import TERMINAL, TRANSITIONS, EpochMetric, Run, RunLogits, RunStatus, Submission
+from app.submissions.models import TERMINAL, TRANSITIONS, EpochMetric, Run, RunLogits, RunStatus
 from app.submissions.service import lock_submission, refresh_submission
+from worker.engine.config import RunSpec
+from worker.engine.result import EpochEvent
 
-
-class Busy(str):
-    """The run is running elsewhere with a live heartbeat: look again once it could have gone stale."""
+SUPERSEDED = "superseded"  # what a fenced-out worker hears: another attempt owns the run now
 
 
 @dataclass(frozen=True)
-class Claim:
+class Claimed:
+    """The run is this worker's: train `spec` and write back with `attempt` as the fencing token."""
+
     run_id: int
     attempt: int
-    seed: int
-    config: dict[str, Any]
-    competition: dict[str, Any]  # dataset, model, budget, hardware_class, slug
+    spec: RunSpec
+
+
+@dataclass(frozen=True)
+class Busy:
+    """The run is running elsewhere with a live heartbeat: look again once it could have gone stale."""
+
+    host: str | None
+
+    def __str__(self) -> str:
+        return f"run is running on {self.host}"
+
+
+@dataclass(frozen=True)
+class Done:
+    """Nothing to do: the run is finished, cancelled or gone (a redelivered message)."""
+
+    why: str
+
+    def __str__(self) -> str:
+        return self.why
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """Its workers were lost too many times: the claim just failed the run for good, saying why."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"gave up: {self.reason}"
+
+
+ClaimResult = Claimed | Busy | Done | GaveUp
 
 
 def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, max_attempts: int
-          ) -> Claim | str:
-    """Take the run for this worker, or return why not. A redelivered message finds it taken or done.
+          ) -> ClaimResult:
+    """Take the run for this worker, or say why not. A redelivered message finds it taken or done.
 
     A worker runs one task at a time (concurrency 1), so a run marked running on this very worker
     belongs to a child process that died (its message came back through reject_on_worker_lost):
@@ -44,7 +76,7 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
     stale = now - timedelta(seconds=stale_after)
     run = session.get(Run, run_id)
     if run is None:
-        return "no such run"
+        return Done("no such run")
     lock_submission(session, run.submission_id)
     # Guarded UPDATE: only a queued run, or a running one whose worker died, is claimable.
     dead = (Run.heartbeat_at < stale) | (Run.worker_hostname == hostname)
@@ -62,47 +94,46 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
         presumed_dead = run.heartbeat_at is not None and (run.heartbeat_at < stale
                                                           or run.worker_hostname == hostname)
         if run.status == RunStatus.running and run.attempts >= max_attempts and presumed_dead:
-            gone = Claim(run_id=run.id, attempt=run.attempts, seed=run.seed, config={}, competition={})
-            finish(session, gone, RunStatus.failed, error=give_up_reason(run.attempts, run.worker_hostname,
-                                                                         run.error))
-            return "gave up after too many lost workers"
+            guard = (Run.id == run.id) & (Run.status == RunStatus.running) & (Run.attempts == run.attempts)
+            if give_up(session, run, guard):
+                session.refresh(run)
+                return GaveUp(run.error or "")
         if run.status == RunStatus.running:
-            return Busy(f"run is running on {run.worker_hostname}")
-        return f"run is {run.status}"
+            return Busy(run.worker_hostname)
+        return Done(f"run is {run.status}")
     # A retried attempt starts its curve afresh; the earlier attempt's rows would mix into it.
     session.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id))
     refresh_submission(session, run.submission_id)
-    sub = session.get(Submission, run.submission_id)
-    comp = session.get(Competition, sub.competition_id)
-    return Claim(run_id=run.id, attempt=run.attempts, seed=run.seed, config=dict(sub.config),
-                 competition={"slug": comp.slug, "dataset": comp.dataset, "model": comp.model,
-                              "budget": comp.budget, "hardware_class": comp.hardware_class,
-                              "deterministic": comp.deterministic})
+    return Claimed(run_id=run.id, attempt=run.attempts, spec=run.spec)
 
 
-def _fenced(claim_: Claim):
+def _fenced(claim_: Claimed) -> ColumnElement[bool]:
     return (Run.id == claim_.run_id) & (Run.attempts == claim_.attempt) & (Run.status == RunStatus.running)
 
 
-def heartbeat(session: Session, c: Claim, progress: float, device_name: str | None = None) -> str:
-    """Refresh the heartbeat; returns the run's current status ('cancelled' tells the worker to stop)."""
+def heartbeat(session: Session, c: Claimed, progress: float, device_name: str | None = None) -> str:
+    """Refresh the heartbeat; returns the run's status as this worker should see it: "running" to go on,
+    "cancelled" (the participant cancelled it) or SUPERSEDED (another attempt owns it) to stop."""
     values: dict[str, Any] = {"heartbeat_at": utcnow(), "progress": progress}
     if device_name:
         values["device_name"] = device_name
     session.execute(update(Run).where(_fenced(c)).values(**values).execution_options(synchronize_session=False))
+    return _as_seen_by(session, c)
+
+
+def _as_seen_by(session: Session, c: Claimed) -> str:
     status, attempts = session.execute(select(Run.status, Run.attempts).where(Run.id == c.run_id)).one()
-    return status if attempts == c.attempt else "superseded"
+    return status if attempts == c.attempt else SUPERSEDED
 
 
-def record_epoch(session: Session, c: Claim, row: dict[str, Any], progress: float) -> None:
+def record_epoch(session: Session, c: Claimed, row: EpochEvent, progress: float) -> None:
     """One row per epoch, written as it happens; a retried attempt overwrites its predecessor's rows."""
     if session.scalar(select(Run.attempts).where(_fenced(c))) is None:
         return
-    session.execute(delete(EpochMetric).where(EpochMetric.run_id == c.run_id, EpochMetric.epoch == row["epoch"]))
+    session.execute(delete(EpochMetric).where(EpochMetric.run_id == c.run_id, EpochMetric.epoch == row.epoch))
     session.execute(insert(EpochMetric).values(
-        run_id=c.run_id, epoch=row["epoch"], train_loss=_finite(row.get("train_loss")),
-        test_accuracy=row.get("test_accuracy"), lr=row.get("lr"), images_per_sec=row.get("images_per_sec"),
-        seconds=row.get("seconds"), recorded_at=utcnow()))
+        run_id=c.run_id, epoch=row.epoch, train_loss=_finite(row.train_loss), test_accuracy=row.test_accuracy,
+        lr=row.lr, images_per_sec=row.images_per_sec, seconds=row.seconds, recorded_at=utcnow()))
     session.execute(update(Run).where(_fenced(c)).values(heartbeat_at=utcnow(), progress=progress)
                     .execution_options(synchronize_session=False))
 
@@ -111,8 +142,9 @@ def _finite(v: float | None) -> float | None:
     return v if v is not None and v == v and abs(v) != float("inf") else None
 
 
-def finish(session: Session, c: Claim, status: RunStatus, **fields: Any) -> bool:
-    """Write the final state; False if this worker no longer owns the run (cancelled or superseded)."""
+def finish(session: Session, c: Claimed, status: RunStatus, **fields: Any) -> str | None:
+    """Write the final state. None when written; else why this worker no longer owns the run: "cancelled"
+    or SUPERSEDED."""
     if status not in TERMINAL or status not in TRANSITIONS[RunStatus.running]:
         raise ValueError(f"run {c.run_id}: a worker can't move a running run to {status}")
     run = session.get(Run, c.run_id)
@@ -126,12 +158,12 @@ def finish(session: Session, c: Claim, status: RunStatus, **fields: Any) -> bool
         .execution_options(synchronize_session=False)
     ).rowcount
     if not written:
-        return False
+        return _as_seen_by(session, c)
     if logits is not None:
         session.merge(RunLogits(run_id=c.run_id, rows=logits.shape[0], cols=logits.shape[1], dtype="float16",
                                 data=logits.numpy().tobytes()))
     refresh_submission(session, run.submission_id)
-    return True
+    return None
 
 
 def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) -> list[tuple[int, str]]:
@@ -144,33 +176,38 @@ def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) ->
     """
     stale = utcnow() - timedelta(seconds=stale_after)
     candidates = session.execute(
-        select(Run.id, Run.submission_id, Run.queue, Run.attempts, Run.worker_hostname, Run.error)
+        select(Run.id, Run.submission_id, Run.queue, Run.attempts, Run.worker_hostname)
         .where(Run.status == RunStatus.running, Run.heartbeat_at < stale)
     ).all()
     requeued = []
-    for run_id, submission_id, queue, attempts, host, last_error in candidates:
+    for run_id, submission_id, queue, attempts, host in candidates:
         lock_submission(session, submission_id)
         guard = (Run.id == run_id) & (Run.status == RunStatus.running) & (Run.attempts == attempts) \
             & (Run.heartbeat_at < stale)
         if attempts >= max_attempts:
-            won = session.execute(update(Run).where(guard).values(
-                status=RunStatus.failed, finished_at=utcnow(), error=give_up_reason(attempts, host, last_error),
-            ).execution_options(synchronize_session=False)).rowcount
-        else:
-            won = session.execute(update(Run).where(guard).values(
-                status=RunStatus.queued, error=f"worker {host} stopped heartbeating; requeued",
-            ).execution_options(synchronize_session=False)).rowcount
-            if won:
-                requeued.append((run_id, queue))
+            give_up(session, session.get(Run, run_id), guard)
+            continue
+        won = session.execute(update(Run).where(guard).values(
+            status=RunStatus.queued, error=f"worker {host} stopped heartbeating; requeued",
+        ).execution_options(synchronize_session=False)).rowcount
         if won:
+            requeued.append((run_id, queue))
             refresh_submission(session, submission_id)
     return requeued
 
 
-def give_up_reason(attempts: int, host: str | None, last_error: str | None) -> str:
-    """Why a run failed for good after its worker was lost `attempts` times, with the last known cause."""
-    reason = f"worker lost {attempts} times (last on {host}); giving up"
-    return f"{reason}. Last failure: {last_error}" if last_error else reason
+def give_up(session: Session, run: Run, guard: ColumnElement[bool]) -> bool:
+    """Fail a run whose worker was lost on every allowed attempt, saying so with the last known cause.
+    `guard` makes it a no-op if the run changed since it was read (another sweeper, a late heartbeat)."""
+    reason = f"worker lost {run.attempts} times (last on {run.worker_hostname}); giving up"
+    if run.error:
+        reason = f"{reason}. Last failure: {run.error}"
+    won = session.execute(update(Run).where(guard).values(
+        status=RunStatus.failed, finished_at=utcnow(), error=reason[:4000],
+    ).execution_options(synchronize_session=False)).rowcount
+    if won:
+        refresh_submission(session, run.submission_id)
+    return bool(won)
 
 
 def record_lost_child(session: Session, run_id: int, hostname: str, reason: str) -> bool:

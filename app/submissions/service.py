@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from fastapi import HTTPException, status
-from fastapi.exceptions import RequestValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -13,22 +11,17 @@ from app.auth.models import User
 from app.competitions.models import Competition, Membership, Team
 from app.config import get_settings
 from app.db import enqueue_after_commit, utcnow
+from app.errors import Conflict, NotFound, OutsideSearchSpace, QuotaExceeded
 from app.queue import send_train
-from app.submissions.models import TERMINAL, Run, RunStatus, Submission
-from worker.engine.config import TrainConfig, check_in_space
-
-
-class QuotaExceeded(HTTPException):
-    def __init__(self, detail: str, retry_after: int | None):
-        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-        super().__init__(status.HTTP_429_TOO_MANY_REQUESTS, detail, headers=headers)
+from app.submissions.models import TERMINAL, EpochMetric, Run, RunStatus, Submission
+from worker.engine.config import RunSpec, TrainConfig, check_in_space
 
 
 def check_open(comp: Competition, now: datetime) -> None:
     if comp.starts_at and now < comp.starts_at:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"competition opens at {comp.starts_at.isoformat()}")
+        raise Conflict(f"competition opens at {comp.starts_at.isoformat()}")
     if comp.deadline and now > comp.deadline:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"competition closed at {comp.deadline.isoformat()}")
+        raise Conflict(f"competition closed at {comp.deadline.isoformat()}")
 
 
 def check_quota(session: Session, comp: Competition, team_id: int, now: datetime) -> None:
@@ -54,23 +47,33 @@ def check_quota(session: Session, comp: Competition, team_id: int, now: datetime
     )
 
 
+def run_spec(comp: Competition, cfg: TrainConfig, seed: int) -> RunSpec:
+    """The whole description of one run: the participant's config and what the competition fixes."""
+    return RunSpec(config=cfg, data=comp.dataset, model=comp.model, budget=comp.budget, seed=seed,
+                   deterministic=comp.deterministic)
+
+
 def create_submission(session: Session, comp: Competition, member: Membership, user: User,
                       cfg: TrainConfig) -> Submission:
-    if "epochs" not in cfg.model_fields_set:  # unset epochs means "the whole budget"
-        cfg = cfg.model_copy(update={"epochs": comp.budget["max_epochs"]})
-    errors = check_in_space(cfg, comp.search_space, comp.budget["max_epochs"])
-    if errors:
-        raise RequestValidationError(errors)
+    specs = [run_spec(comp, cfg, seed) for seed in comp.seeds]
+    # The spec fills unset epochs with the whole budget; epochs asked for beyond it are refused here
+    # (the spec would cut them, which a participant should hear about rather than find out).
+    resolved = specs[0].config.model_copy(update={"epochs": cfg.epochs}) if "epochs" in cfg.model_fields_set \
+        else specs[0].config
+    violations = check_in_space(resolved, comp.search_space, comp.budget.max_epochs)
+    if violations:
+        raise OutsideSearchSpace(violations)
     now = utcnow()
     check_open(comp, now)
     check_quota(session, comp, member.team_id, now)
     sub = Submission(competition_id=comp.id, team_id=member.team_id, user_id=user.id,
-                     config=cfg.model_dump(mode="json"), status=RunStatus.queued, created_at=now)
+                     config=specs[0].config.model_dump(mode="json"), status=RunStatus.queued, created_at=now)
     session.add(sub)
     session.flush()
     queue = get_settings().queue_for(comp.hardware_class)
-    for seed in comp.seeds:
-        run = Run(submission_id=sub.id, seed=seed, queue=queue, status=RunStatus.queued)
+    for spec in specs:
+        run = Run(submission_id=sub.id, seed=spec.seed, spec=spec, spec_hash=spec.identity(), queue=queue,
+                  status=RunStatus.queued)
         session.add(run)
         session.flush()
         enqueue_after_commit(session, lambda rid=run.id: send_train(rid, queue))
@@ -80,7 +83,7 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
 def get_own_submission(session: Session, user: User, submission_id: int) -> Submission:
     sub = session.get(Submission, submission_id)
     if sub is None or sub.user_id != user.id and not _same_team(session, user, sub):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no submission {submission_id} of yours")
+        raise NotFound(f"no submission {submission_id} of yours")
     return sub
 
 
@@ -97,6 +100,15 @@ def list_own(session: Session, user: User, competition_id: int | None) -> list[S
     return list(session.scalars(q))
 
 
+def epochs_by_run(session: Session, run_ids: list[int]) -> dict[int, list[EpochMetric]]:
+    """Each run's per-epoch metrics in epoch order (a run with none is absent)."""
+    out: dict[int, list[EpochMetric]] = {}
+    for e in session.scalars(select(EpochMetric).where(EpochMetric.run_id.in_(run_ids))
+                             .order_by(EpochMetric.run_id, EpochMetric.epoch)):
+        out.setdefault(e.run_id, []).append(e)
+    return out
+
+
 def cancel(session: Session, sub: Submission) -> Submission:
     """Cancel every queued or running run. A running worker notices at its next heartbeat and stops."""
     lock_submission(session, sub.id)
@@ -106,7 +118,7 @@ def cancel(session: Session, sub: Submission) -> Submission:
         .values(status=RunStatus.cancelled, finished_at=utcnow(), error="cancelled by participant")
     )
     if result.rowcount == 0:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"submission {sub.id} is already {sub.status}")
+        raise Conflict(f"submission {sub.id} is already {sub.status}")
     refresh_submission(session, sub.id)
     return sub
 

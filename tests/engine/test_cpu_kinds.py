@@ -14,16 +14,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[2]  # the children import tests.synthetic from here
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 STRICT_HEAP = {"MALLOC_CHECK_": "3", "OMP_NUM_THREADS": "1"}
 
 
 def _child(code: str, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **env})
+                          timeout=timeout, env={**os.environ, **env}, cwd=REPO)
 
 
 def _outcome(proc: subprocess.CompletedProcess) -> str:
@@ -95,11 +97,11 @@ TRAIN_WIDTH_4 = """
 import json, torch
 from worker.engine.config import Budget, ModelSpec, RunSpec, TrainConfig
 from worker.engine.train import train
-from worker.engine.data import synthetic_dataset
+from tests.synthetic import synthetic_dataset
 data = synthetic_dataset(96, 40, image_size=16)
 spec = RunSpec(config=TrainConfig(epochs=2, batch_size=16, ema_decay=None), model=ModelSpec(width=4),
                budget=Budget(max_epochs=2))
-r = train(spec, data, "cpu").summary
+r = train(spec, data, "cpu").to_json()
 print(json.dumps({k: r[k] for k in ("status", "precision", "channels_last", "memory_format_note", "steps_completed")}))
 """
 
@@ -117,7 +119,7 @@ def test_width_4_trains_to_the_end_under_avx2_kernels():
 
 PRECISION = """
 import json, torch
-from worker.engine.train import cpu_has_native_bf16, resolve_precision
+from worker.engine.device import cpu_has_native_bf16, resolve_precision
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "native": cpu_has_native_bf16(),
                   "auto": resolve_precision("auto", torch.device("cpu"))[0]}))
 """

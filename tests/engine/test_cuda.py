@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.synthetic import synthetic_dataset
 from worker.engine.config import Budget, ModelSpec, RunSpec, TrainConfig
-from worker.engine.data import synthetic_dataset
 from worker.engine.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -25,8 +25,8 @@ def _run(cfg: dict[str, Any], *, width: int = 16, n_train: int = 512, n_test: in
     spec = RunSpec(config=TrainConfig(epochs=epochs, **cfg), model=ModelSpec(width=width),
                    budget=Budget(max_epochs=epochs), deterministic=deterministic)
     events: list[dict] = []
-    result = train(spec, data, "cuda", events.append)
-    return result.summary, events, result.logits
+    result = train(spec, data, "cuda", lambda e: events.append(e.model_dump()))
+    return result.to_json(), events, result.logits
 
 
 @pytest.mark.parametrize(("precision", "expected"), [

@@ -17,11 +17,14 @@ import pytest
 import torch
 from torch import nn
 
+import worker.engine.device as device_mod
 import worker.engine.train as train_mod
+from tests.synthetic import synthetic_dataset
 from worker.engine.config import Budget, ModelSpec, RunSpec, TrainConfig
-from worker.engine.data import Dataset, synthetic_dataset
+from worker.engine.data import Dataset
 from worker.engine.report import json_safe as _json_safe
-from worker.engine.train import EngineError, StopRequested, TrainResult, train
+from worker.engine.result import EngineError, Event, StopRequested, TrainResult
+from worker.engine.train import train
 
 N_TEST = 100
 SIZE = 16
@@ -55,12 +58,12 @@ def _spec(*, epochs: int = 1, batch_size: int = 32, width: int = 4, seed: int = 
                    budget=budget or Budget(max_epochs=10), seed=seed, eval_every_epoch=eval_every_epoch)
 
 
-def _run(spec: RunSpec, data: Dataset, on_event: Callable[[dict], None] | None = None
+def _run(spec: RunSpec, data: Dataset, on_event: Callable[[Event], None] | None = None
          ) -> tuple[TrainResult, list[dict]]:
     events: list[dict] = []
 
-    def record(e: dict) -> None:
-        events.append(dict(e))
+    def record(e: Event) -> None:
+        events.append(e.model_dump())  # typed events, compared here by their JSON fields
         if on_event is not None:
             on_event(e)
 
@@ -72,7 +75,7 @@ def _kinds(events: list[dict], kind: str) -> list[dict]:
 
 
 def _losses(result: TrainResult) -> list[float]:
-    return [row["train_loss"] for row in result.summary["history"]]
+    return [row["train_loss"] for row in result.to_json()["history"]]
 
 
 def _hook_model(monkeypatch: pytest.MonkeyPatch, install: Callable[[nn.Module], None]) -> None:
@@ -107,8 +110,8 @@ def test_same_seed_is_bitwise_reproducible_and_another_seed_is_not(baseline, dat
 
     assert first.logits is not None and again.logits is not None and other.logits is not None
     assert torch.equal(first.logits, again.logits)
-    assert again.summary["accuracy"] == first.summary["accuracy"]
-    assert again.summary["metrics"] == first.summary["metrics"]
+    assert again.to_json()["accuracy"] == first.to_json()["accuracy"]
+    assert again.to_json()["metrics"] == first.to_json()["metrics"]
     assert _losses(again) == _losses(first)
     assert len(_losses(first)) == 2
 
@@ -136,7 +139,7 @@ def test_planted_nan_stops_at_once_as_diverged(monkeypatch, data: Dataset, k: in
 
     _hook_model(monkeypatch, install)
     result, events = _run(_spec(epochs=3), data)  # 4 steps per epoch
-    s = result.summary
+    s = result.to_json()
 
     assert s["status"] == "diverged" and s["stop_reason"] == "diverged"
     assert s["diverged_step"] == k
@@ -148,7 +151,7 @@ def test_planted_nan_stops_at_once_as_diverged(monkeypatch, data: Dataset, k: in
     assert len(s["history"]) == epoch - 1
     assert [e["step"] for e in _kinds(events, "progress")] == list(range(1, k))  # the bad step is not reported
     assert result.logits is None
-    assert "accuracy" not in s and "evaluated_weights" not in s
+    assert s["accuracy"] is None and s["evaluated_weights"] is None and s["metrics"] is None
     assert s["train_loss_final"] is None  # NaN is reported as missing, not as a number
     json.dumps(_json_safe(s), allow_nan=False)
 
@@ -180,13 +183,13 @@ def test_oom_falls_back_to_micro_batches_with_the_same_effective_batch(monkeypat
     accum, _ = _run(_spec(epochs=2, batch_size=16, grad_accum_steps=4), data)
     _hook_model(monkeypatch, _oom_above(16))
     oom, events = _run(_spec(epochs=2, batch_size=64), data)
-    s = oom.summary
+    s = oom.to_json()
 
     assert s["status"] == "succeeded"
     assert [e["micro_batch_size"] for e in _kinds(events, "oom")] == [32, 16]  # halved once each, then kept
     assert s["micro_batch_size"] == 16
-    assert s["effective_batch_size"] == 64 == accum.summary["effective_batch_size"]
-    assert s["steps_planned"] == s["steps_completed"] == 2 * (128 // 64) == accum.summary["steps_completed"]
+    assert s["effective_batch_size"] == 64 == accum.to_json()["effective_batch_size"]
+    assert s["steps_planned"] == s["steps_completed"] == 2 * (128 // 64) == accum.to_json()["steps_completed"]
     assert oom.logits is not None and accum.logits is not None
     # Same arithmetic in the same order: not just close, identical.
     assert torch.equal(oom.logits, accum.logits)
@@ -215,9 +218,9 @@ def test_without_batchnorm_micro_batches_give_the_full_batch_gradient(monkeypatc
     _hook_model(monkeypatch, both)
     micro, events = _run(spec, data)
 
-    assert plain.summary["micro_batch_size"] == 64 and micro.summary["micro_batch_size"] == 16
+    assert plain.to_json()["micro_batch_size"] == 64 and micro.to_json()["micro_batch_size"] == 16
     assert _kinds(events, "oom")
-    assert micro.summary["steps_completed"] == plain.summary["steps_completed"] == 4
+    assert micro.to_json()["steps_completed"] == plain.to_json()["steps_completed"] == 4
     assert plain.logits is not None and micro.logits is not None
     assert not torch.equal(plain.logits, torch.zeros_like(plain.logits))
     # fp16 logits: allow a rounding flip (~5e-4 near 0.5); a wrong weighting moves them by ~0.1 or more.
@@ -229,7 +232,7 @@ def test_oom_even_at_micro_batch_one_is_an_engine_error(monkeypatch, data: Datas
     _hook_model(monkeypatch, _oom_above(0))
     events: list[dict] = []
     with pytest.raises(EngineError, match="out of memory even with micro-batch size 1"):
-        train(_spec(batch_size=32), data, "cpu", events.append)
+        train(_spec(batch_size=32), data, "cpu", lambda e: events.append(e.model_dump()))
     assert [e["micro_batch_size"] for e in _kinds(events, "oom")] == [16, 8, 4, 2, 1]
 
 
@@ -240,7 +243,7 @@ def test_oom_even_at_micro_batch_one_is_an_engine_error(monkeypatch, data: Datas
 
 def test_time_budget_stops_early_but_still_evaluates(data: Dataset) -> None:
     result, events = _run(_spec(epochs=3, budget=Budget(max_epochs=10, max_seconds=1e-6)), data)
-    s = result.summary
+    s = result.to_json()
 
     assert s["stop_reason"] == "time_budget"
     assert s["status"] == "succeeded"
@@ -257,7 +260,7 @@ def test_time_budget_stops_early_but_still_evaluates(data: Dataset) -> None:
 def test_budget_caps_the_configured_epochs(data: Dataset) -> None:
     small = synthetic_dataset(64, 20, image_size=SIZE)
     result, events = _run(_spec(epochs=5, budget=Budget(max_epochs=2), eval_every_epoch=False), small)
-    s = result.summary
+    s = result.to_json()
 
     assert s["epochs_planned"] == 2 and s["epochs_completed"] == 2
     assert s["steps_planned"] == s["steps_completed"] == 2 * (64 // 32)
@@ -284,8 +287,8 @@ def test_ema_weights_are_evaluated_instead_of_the_raw_ones(baseline, data: Datas
     spec, raw, _ = baseline
     ema, _ = _run(_spec(epochs=2, ema_decay=0.9), data)
 
-    assert raw.summary["evaluated_weights"] == "raw"
-    assert ema.summary["evaluated_weights"] == "ema"
+    assert raw.to_json()["evaluated_weights"] == "raw"
+    assert ema.to_json()["evaluated_weights"] == "ema"
     # Keeping an average does not change training itself (same seed: same losses) ...
     assert _losses(ema) == _losses(raw)
     # ... but a different set of weights is evaluated.
@@ -299,7 +302,7 @@ def test_swa_weights_are_evaluated_instead_of_the_raw_ones(baseline, data: Datas
     # swa_epochs=2 of 2 averages two snapshots; with a single snapshot SWA would equal the raw weights.
     swa, _ = _run(_spec(epochs=2, swa_epochs=2), data)
 
-    assert swa.summary["evaluated_weights"] == "swa"
+    assert swa.to_json()["evaluated_weights"] == "swa"
     assert _losses(swa) == _losses(raw)
     assert swa.logits is not None and raw.logits is not None
     assert torch.isfinite(swa.logits.float()).all()
@@ -313,8 +316,8 @@ def test_swa_that_never_started_does_not_evaluate_the_initial_weights(data: Data
     raw, _ = _run(_spec(epochs=3, budget=budget), data)
     swa, _ = _run(_spec(epochs=3, budget=budget, swa_epochs=1), data)
 
-    assert swa.summary["stop_reason"] == "time_budget"
-    assert swa.summary["evaluated_weights"] == "raw"
+    assert swa.to_json()["stop_reason"] == "time_budget"
+    assert swa.to_json()["evaluated_weights"] == "raw"
     assert raw.logits is not None and swa.logits is not None
     assert torch.equal(swa.logits, raw.logits)
 
@@ -324,9 +327,9 @@ def test_swa_that_never_started_does_not_evaluate_the_initial_weights(data: Data
 # ----------------------------------------------------------------------------------------------------
 
 
-def _stop_at(kind: str, **match: Any) -> Callable[[dict], None]:
-    def on_event(e: dict) -> None:
-        if e["kind"] == kind and all(e.get(k) == v for k, v in match.items()):
+def _stop_at(kind: str, **match: Any) -> Callable[[Event], None]:
+    def on_event(e: Event) -> None:
+        if e.kind == kind and all(getattr(e, k) == v for k, v in match.items()):
             raise StopRequested
 
     return on_event
@@ -334,11 +337,11 @@ def _stop_at(kind: str, **match: Any) -> Callable[[dict], None]:
 
 def test_stop_requested_after_the_first_epoch_cancels(data: Dataset) -> None:
     result, events = _run(_spec(epochs=3), data, _stop_at("epoch", epoch=1))
-    s = result.summary
+    s = result.to_json()
 
     assert s["status"] == "cancelled" and s["stop_reason"] == "cancelled"
     assert result.logits is None
-    assert "accuracy" not in s
+    assert s["accuracy"] is None and s["metrics"] is None
     assert s["epochs_completed"] == 1
     assert s["steps_completed"] == 4  # nothing of epoch 2 ran
     assert [e["epoch"] for e in _kinds(events, "epoch")] == [1]
@@ -347,8 +350,8 @@ def test_stop_requested_after_the_first_epoch_cancels(data: Dataset) -> None:
 
 def test_stop_requested_mid_epoch_cancels_at_once(data: Dataset) -> None:
     result, events = _run(_spec(epochs=3), data, _stop_at("progress", step=2))
-    assert result.summary["status"] == "cancelled"
-    assert result.summary["steps_completed"] == 2
+    assert result.to_json()["status"] == "cancelled"
+    assert result.to_json()["steps_completed"] == 2
     assert _kinds(events, "epoch") == []
     assert result.logits is None
 
@@ -357,8 +360,8 @@ def test_stop_requested_at_setup_cancels_before_training(data: Dataset) -> None:
     # The worker's callback raises StopRequested on whatever event comes first once the run is
     # cancelled, which can be the setup event: that must still be a cancelled result, not a crash.
     result, events = _run(_spec(epochs=3), data, _stop_at("setup"))
-    assert result.summary["status"] == "cancelled"
-    assert result.summary["steps_completed"] == 0
+    assert result.to_json()["status"] == "cancelled"
+    assert result.to_json()["steps_completed"] == 0
     assert [e["kind"] for e in events] == ["setup"]
     assert result.logits is None
 
@@ -375,7 +378,7 @@ EPOCH_KEYS = {"kind", "epoch", "epochs", "train_loss", "steps", "partial", "lr",
 
 def test_events_carry_the_documented_keys(baseline) -> None:
     _, result, events = baseline
-    s = result.summary
+    s = result.to_json()
 
     assert events[0]["kind"] == "setup" and len(_kinds(events, "setup")) == 1
     setup = events[0]
@@ -407,7 +410,7 @@ def test_events_carry_the_documented_keys(baseline) -> None:
 
 def test_summary_is_strict_json_and_complete(baseline) -> None:
     spec, result, _ = baseline
-    s = result.summary
+    s = result.to_json()
     text = json.dumps(_json_safe(s), allow_nan=False)
     back = json.loads(text)
 
@@ -442,7 +445,7 @@ def test_summary_is_strict_json_and_complete(baseline) -> None:
 def test_training_learns_the_synthetic_classes() -> None:
     data = synthetic_dataset(400, N_TEST, image_size=SIZE)
     result, _ = _run(_spec(epochs=3, width=8), data)
-    s = result.summary
+    s = result.to_json()
 
     assert s["status"] == "succeeded"
     assert s["accuracy"] > 0.5  # chance is 0.1; this setup reaches ~0.95
@@ -456,7 +459,7 @@ def test_fp16_on_cpu_is_an_engine_error(data: Dataset) -> None:
 
 
 def test_auto_precision_on_cpu_is_bf16_only_with_native_bf16() -> None:
-    from worker.engine.train import cpu_has_native_bf16, resolve_precision
+    from worker.engine.device import cpu_has_native_bf16, resolve_precision
 
     cpu = torch.device("cpu")
     native = cpu_has_native_bf16()
@@ -464,22 +467,22 @@ def test_auto_precision_on_cpu_is_bf16_only_with_native_bf16() -> None:
     # Native only where the CPU has the instructions and nothing caps torch or oneDNN below them
     # (tests/engine/test_cpu_kinds.py runs the capped case in a subprocess).
     in_use = torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX")) and \
-        os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in {"ALL"} | train_mod.ONEDNN_BF16_ISAS
+        os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in {"ALL"} | device_mod.ONEDNN_BF16_ISAS
     assert native == (flags and in_use)
     assert resolve_precision("auto", cpu) == (("bf16", torch.bfloat16, False) if native else ("fp32", None, False))
     assert resolve_precision("fp32", cpu) == ("fp32", None, False)
     assert resolve_precision("bf16", cpu) == ("bf16", torch.bfloat16, False)
     result, events = _run(_spec(precision="auto"), synthetic_dataset(64, 20, image_size=SIZE))
-    assert result.summary["precision"] == events[0]["precision"] == ("bf16" if native else "fp32")
-    assert result.summary["status"] == "succeeded"
+    assert result.to_json()["precision"] == events[0]["precision"] == ("bf16" if native else "fp32")
+    assert result.to_json()["status"] == "succeeded"
 
 
 def test_bf16_on_cpu_runs_under_autocast() -> None:
     small = synthetic_dataset(64, 20, image_size=SIZE)
     result, events = _run(_spec(precision="bf16"), small)
-    assert result.summary["status"] == "succeeded"
-    assert result.summary["precision"] == "bf16" and events[0]["precision"] == "bf16"
-    assert math.isfinite(result.summary["train_loss_final"])
+    assert result.to_json()["status"] == "succeeded"
+    assert result.to_json()["precision"] == "bf16" and events[0]["precision"] == "bf16"
+    assert math.isfinite(result.to_json()["train_loss_final"])
     assert result.logits is not None and torch.isfinite(result.logits.float()).all()
 
 
@@ -497,7 +500,7 @@ EVERYTHING: dict[str, Any] = dict(
 ], ids=["sgd-nesterov", "adamw"])
 def test_every_option_at_once_trains_to_a_finite_loss(data: Dataset, optimizer: dict[str, Any]) -> None:
     result, events = _run(_spec(batch_size=16, **EVERYTHING, **optimizer), data)
-    s = result.summary
+    s = result.to_json()
 
     assert s["status"] == "succeeded"
     assert s["effective_batch_size"] == 32 and s["steps_completed"] == 128 // 32
@@ -512,7 +515,7 @@ def test_every_option_at_once_trains_to_a_finite_loss(data: Dataset, optimizer: 
 
 
 def test_default_ema_ramps_up_so_short_runs_are_not_stuck_near_the_initialisation(data: Dataset) -> None:
-    from worker.engine.train import EMA
+    from worker.engine.ema import EMA
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 1, bias=False), torch.nn.BatchNorm1d(1))
     torch.nn.init.zeros_(model[0].weight)
@@ -527,5 +530,5 @@ def test_default_ema_ramps_up_so_short_runs_are_not_stuck_near_the_initialisatio
         ema.update()
     assert ema.current_decay() == 0.99
     result, _ = _run(_spec(epochs=2, ema_decay=0.99), data)
-    assert result.summary["evaluated_weights"] == "ema"
-    assert result.summary["accuracy"] > 0.3  # a fixed 0.99 after ~20 steps would still be near chance
+    assert result.to_json()["evaluated_weights"] == "ema"
+    assert result.to_json()["accuracy"] > 0.3  # a fixed 0.99 after ~20 steps would still be near chance

@@ -125,7 +125,7 @@ def test_stale_running_run_is_reclaimed_and_old_worker_is_fenced_off(client, db,
     run = db.get(Run, run_id)
     assert run.attempts == 2 and run.worker_hostname != "dead-worker"
     with session_scope() as s:  # the presumed-dead worker wakes up and tries to report: refused
-        assert run_service.finish(s, dead, RunStatus.failed, error="late") is False
+        assert run_service.finish(s, dead, RunStatus.failed, error="late") == run_service.SUPERSEDED
     db.expire_all()
     assert db.get(Run, run_id).status == "succeeded"
 
@@ -166,7 +166,7 @@ def test_sweep_requeues_a_run_whose_worker_vanished_then_it_trains(client, db, c
     run = db.get(Run, run_id)
     assert run.attempts == 2 and run.error is None
     with session_scope() as s:
-        assert run_service.finish(s, gone, RunStatus.failed, error="late") is False
+        assert run_service.finish(s, gone, RunStatus.failed, error="late") == run_service.SUPERSEDED
 
 
 def test_sweep_gives_up_after_max_attempts(client, db, contest):
@@ -185,7 +185,7 @@ def test_worker_lost_too_often_fails_with_reason(client, db, contest):
     sub = _submit(client, comp, student, batch_size=32, epochs=1)
     (run_id,) = _run_ids(db, sub["id"])
     _orphan(run_id, attempts=3, host="w3")
-    assert _apply(run_id) == "skipped: gave up after too many lost workers"
+    assert _apply(run_id).startswith("skipped: gave up: worker lost 3 times (last on w3)")
     detail = client.get(f"/api/submissions/{sub['id']}", headers=student).json()
     assert detail["status"] == "failed"
     assert "worker lost 3 times" in detail["runs"][0]["error"]
@@ -258,3 +258,53 @@ def test_cancel_while_running_stops_the_worker(client, db, contest, settings_env
         epochs = s.scalars(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id)).all()
         assert s.get(Run, run_id).status == "cancelled"
     assert len(epochs) < 50
+
+
+def test_a_superseded_worker_stops_and_says_superseded_not_cancelled(client, db, contest, settings_env,
+                                                                     monkeypatch):
+    monkeypatch.setenv("HPARENA_HEARTBEAT_SECONDS", "0.2")
+    from app.config import get_settings
+
+    get_settings.cache_clear()
+    comp, student = contest(max_epochs=50, search_space={})
+    sub = _submit(client, comp, student, batch_size=32, epochs=50)
+    (run_id,) = _run_ids(db, sub["id"])
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(_apply(run_id)))
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        with session_scope() as s:
+            if s.scalar(select(EpochMetric.id).where(EpochMetric.run_id == run_id)):
+                break
+        time.sleep(0.2)
+    with session_scope() as s:  # another worker took the run over (what a stale-heartbeat reclaim does)
+        s.execute(update(Run).where(Run.id == run_id).values(attempts=Run.attempts + 1, worker_hostname="other"))
+    t.join(60)
+    assert out == ["superseded"]
+    with session_scope() as s:
+        run = s.get(Run, run_id)
+        assert (run.status, run.worker_hostname, run.result) == ("running", "other", None)  # nothing written
+
+
+def test_the_worker_trains_the_spec_stored_at_submission(client, db, contest):
+    from app.competitions.models import Competition
+    from worker.engine.config import Budget, RunSpec
+
+    comp, student = contest(seeds=(3, 4), max_epochs=2)
+    sub = _submit(client, comp, student, lr=0.05, batch_size=32)  # epochs unset: the whole budget
+    ids = _run_ids(db, sub["id"])
+    runs = [db.get(Run, i) for i in ids]
+    assert [r.spec.seed for r in runs] == [3, 4]
+    for r in runs:
+        assert isinstance(r.spec, RunSpec) and r.spec_hash == r.spec.identity()
+        assert r.spec.config.epochs == 2 and r.spec.config.lr == 0.05
+        assert r.spec.data.path == comp["dataset"]["path"] and r.spec.model.width == comp["model"]["width"]
+    assert runs[0].spec_hash != runs[1].spec_hash  # the seed is part of the identity
+    stored = runs[0].spec
+    with session_scope() as s:  # the organizer's later edit does not reach an already submitted run
+        s.execute(update(Competition).where(Competition.id == comp["id"]).values(budget=Budget(max_epochs=1)))
+    assert _apply(ids[0]) == "succeeded"
+    run = client.get(f"/api/submissions/{sub['id']}", headers=student).json()["runs"][0]
+    assert RunSpec.model_validate(run["result"]["spec"]) == stored
+    assert run["result"]["epochs_completed"] == 2

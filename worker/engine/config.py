@@ -9,8 +9,9 @@ search space (see `SearchSpace`), and its budget caps epochs and seconds.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -170,6 +171,23 @@ class RunSpec(_Strict):
     deterministic: bool = False
     eval_every_epoch: bool = Field(True, description="Evaluate the public test half after every epoch.")
 
+    @model_validator(mode="after")
+    def _epochs_within_budget(self) -> RunSpec:
+        """The one place the budget's epoch cap is applied: a config that leaves epochs unset gets the whole
+        budget, and one that asks for more is cut to it. (The API refuses such a submission outright, so a
+        stored spec never needs the cut; a local `hparena train` run gets it.)"""
+        cfg = self.config
+        epochs = min(cfg.epochs, self.budget.max_epochs) if "epochs" in cfg.model_fields_set \
+            else self.budget.max_epochs
+        if epochs != cfg.epochs or "epochs" not in cfg.model_fields_set:
+            # Assignment re-runs this validator once; the copy has epochs set, so it stops there.
+            self.config = cfg.model_copy(update={"epochs": epochs})
+        return self
+
+    def identity(self) -> str:
+        """SHA-256 of the spec's canonical JSON: two runs with the same identity compute the same thing."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
 
 # ----------------------------------------------------------------------------------------------------
 # Search space: how a competition narrows TrainConfig
@@ -219,38 +237,36 @@ def effective_space(space: dict[str, Any] | None) -> dict[str, Range | Choices]:
     return out
 
 
-def check_in_space(cfg: TrainConfig, space: dict[str, Any] | None, max_epochs: int) -> list[dict[str, Any]]:
-    """Return pydantic-style error dicts for every field outside the competition's space."""
-    errors: list[dict[str, Any]] = []
+class Violation(NamedTuple):
+    """One hyperparameter outside a competition's space: its value, why in words, and what is allowed
+    (`{"choices": [...]}` or `{"min": ..., "max": ...}`)."""
+
+    field: str
+    value: Any
+    why: str
+    allowed: dict[str, Any]
+
+    @property
+    def message(self) -> str:
+        return f"{self.field}={self.value!r} is outside the competition's search space: {self.why}"
+
+
+def check_in_space(cfg: TrainConfig, space: dict[str, Any] | None, max_epochs: int) -> list[Violation]:
+    """Every field of `cfg` outside the competition's space (and epochs over its budget); empty if none."""
+    violations: list[Violation] = []
     values = cfg.model_dump()
     rules = effective_space(space)
     for name, rule in rules.items():
         value = values[name]
         if isinstance(rule, Choices):
             if value not in rule.choices:
-                errors.append(_err(name, value, f"must be one of {rule.choices}", {"choices": rule.choices}))
+                violations.append(Violation(name, value, f"must be one of {rule.choices}", {"choices": rule.choices}))
         elif value is not None and isinstance(value, int | float) and not isinstance(value, bool):
             lo = -math.inf if rule.min is None else rule.min
             hi = math.inf if rule.max is None else rule.max
             if not lo <= value <= hi:
-                errors.append(_err(name, value, f"must be within [{rule.min}, {rule.max}]", rule.model_dump()))
+                violations.append(Violation(name, value, f"must be within [{rule.min}, {rule.max}]", rule.model_dump()))
     if cfg.epochs > max_epochs:
-        errors.append(
-            _err(
-                "epochs",
-                cfg.epochs,
-                f"must be within [1, {max_epochs}] (competition budget)",
-                {"min": 1, "max": max_epochs},
-            )
-        )
-    return errors
-
-
-def _err(field: str, value: Any, why: str, allowed: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "outside_search_space",
-        "loc": ["body", "config", field],
-        "msg": f"{field}={value!r} is outside the competition's search space: {why}",
-        "input": value,
-        "ctx": {"allowed": allowed},
-    }
+        violations.append(Violation("epochs", cfg.epochs, f"must be within [1, {max_epochs}] (competition budget)",
+                                    {"min": 1, "max": max_epochs}))
+    return violations

@@ -1,0 +1,48 @@
+"""What a service says went wrong, in the domain's words. Services raise these and know no HTTP;
+`app.http.domain_error_handler` is the one place that turns each kind into a status, body and headers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from worker.engine.config import Violation
+
+
+class DomainError(Exception):
+    """Base of the errors a service raises for a caller to see; `detail` is the message it gets."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(DomainError):
+    """No such object, or not the caller's to see."""
+
+
+class Conflict(DomainError):
+    """The request contradicts the current state (already exists, already joined, closed, finished)."""
+
+
+class Unauthorized(DomainError):
+    """No credentials, or credentials that identify nobody."""
+
+
+class Forbidden(DomainError):
+    """The caller is known but may not do this."""
+
+
+class QuotaExceeded(DomainError):
+    """The team used its submissions; `retry_after` is the seconds until a slot frees (None: never)."""
+
+    def __init__(self, detail: str, retry_after: int | None) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class OutsideSearchSpace(DomainError):
+    """A submitted config sets hyperparameters the competition does not allow, one violation each."""
+
+    def __init__(self, violations: Sequence[Violation]) -> None:
+        super().__init__("; ".join(v.message for v in violations))
+        self.violations = tuple(violations)

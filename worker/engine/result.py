@@ -1,0 +1,233 @@
+"""What crosses the engine's door: its outcome enums, the events `train()` emits, and the result it returns.
+
+Plain data (pydantic, no torch), so the worker and the API can read a stored result with its types. The
+JSON of a `TrainResult` is the run's record: the worker stores it whole, `hparena train` writes it to a
+file, and both read it back with `TrainResult.model_validate`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, PrivateAttr
+
+from worker.engine.config import RunSpec
+from worker.engine.report import json_safe
+
+
+class StopRequested(Exception):  # noqa: N818 - it is a request, not an error
+    """Raised by an on_event callback to stop training (a cancelled submission)."""
+
+
+class EngineError(RuntimeError):
+    """A run that cannot proceed, with a message meant for the participant."""
+
+
+class Outcome(StrEnum):
+    """How a training run ended, as the engine sees it (the worker adds failed and superseded)."""
+
+    succeeded = "succeeded"
+    diverged = "diverged"
+    cancelled = "cancelled"
+
+
+class StopReason(StrEnum):
+    completed = "completed"  # every planned epoch ran
+    time_budget = "time_budget"  # the budget's max_seconds ran out; the result still counts
+    diverged = "diverged"  # the loss became NaN or infinite
+    cancelled = "cancelled"  # the callback raised StopRequested
+
+    @property
+    def outcome(self) -> Outcome:
+        return {StopReason.diverged: Outcome.diverged, StopReason.cancelled: Outcome.cancelled}.get(
+            self, Outcome.succeeded)
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Events: what on_event receives while training runs
+# ----------------------------------------------------------------------------------------------------
+
+
+class SetupEvent(_Data):
+    """Once, when the model, optimizer and data are on the device and the first step is next."""
+
+    kind: Literal["setup"] = "setup"
+    device: str
+    precision: str
+    total_steps: int
+    epochs: int
+    steps_per_epoch: int
+    setup_seconds: float
+
+
+class ProgressEvent(_Data):
+    """About ten times an epoch: the last step's loss and the rate so far."""
+
+    kind: Literal["progress"] = "progress"
+    epoch: int
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    images_per_sec: float
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(self.total_steps, 1)
+
+
+class EpochRow(_Data):
+    """One epoch's line of the history (an epoch cut short by the time budget is marked partial)."""
+
+    epoch: int
+    epochs: int
+    train_loss: float | None
+    steps: int
+    partial: bool
+    lr: float
+    seconds: float  # training seconds so far, all epochs
+    images_per_sec: float
+    test_accuracy: float | None  # the public half, when spec.eval_every_epoch
+
+
+class EpochEvent(EpochRow):
+    """After every epoch, including a partial last one."""
+
+    kind: Literal["epoch"] = "epoch"
+
+    @property
+    def fraction(self) -> float:
+        return self.epoch / self.epochs
+
+    def row(self) -> EpochRow:
+        return EpochRow.model_validate(self.model_dump(exclude={"kind"}))
+
+
+class OomEvent(_Data):
+    """A step ran out of device memory; it is redone with the micro-batch halved to this size."""
+
+    kind: Literal["oom"] = "oom"
+    micro_batch_size: int
+
+
+Event = SetupEvent | ProgressEvent | EpochEvent | OomEvent
+
+
+# ----------------------------------------------------------------------------------------------------
+# The result
+# ----------------------------------------------------------------------------------------------------
+
+
+class HalfMetrics(_Data):
+    accuracy: float | None
+    per_class_accuracy: list[float | None]  # None for a class with no examples in this half
+    ece: float | None  # expected calibration error of the raw logits
+    ece_temperature: float | None  # ... after dividing them by the fitted temperature
+
+
+class Metrics(_Data):
+    """Accuracy and calibration of the final weights, per half of the test set."""
+
+    temperature: float  # fitted on the public half only, applied to both
+    accuracy_all: float | None
+    public: HalfMetrics
+    private: HalfMetrics
+
+
+class CompileInfo(_Data):
+    enabled: bool
+    seconds: float
+    counted: bool  # whether compile warm-up counted against the budget's max_seconds
+
+
+class Timings(_Data):
+    setup_seconds: float
+    train_seconds: float
+    eval_seconds: float  # per-epoch plus final evaluation
+    epoch_eval_seconds: float
+
+
+class DeviceInfo(_Data):
+    type: str
+    name: str
+    memory_bytes: int | None = None
+    capability: str | None = None  # CUDA compute capability
+    threads: int | None = None  # CPU intra-op threads
+
+
+class Versions(_Data):
+    torch: str
+    torchvision: str
+    cuda: str | None
+    cudnn: int | None
+    python: str
+    hparena: str  # the code's commit (see device.code_version)
+
+
+class TestSplit(_Data):
+    __test__ = False  # not a pytest class
+    public: int
+    private: int
+
+
+class DatasetInfo(_Data):
+    source: str
+    content_hash: str
+    train: int
+    test: int
+    classes: list[str]
+
+
+class TrainResult(_Data):
+    """Everything one run produced. Metrics are present only when it succeeded (a diverged or cancelled
+    run has no final evaluation). The fp16 test-set logits ride along outside the record."""
+
+    status: Outcome
+    stop_reason: StopReason
+    epochs_planned: int
+    epochs_completed: int  # whole epochs only
+    steps_completed: int
+    steps_planned: int
+    diverged_step: int | None = None
+    diverged_epoch: int | None = None
+    train_loss_final: float | None
+    micro_batch_size: int  # smaller than the batch when out-of-memory halving kicked in
+    effective_batch_size: int
+    precision: str
+    channels_last: bool
+    memory_format_note: str | None
+    compile: CompileInfo
+    history: list[EpochRow]
+    accuracy: float | None = None  # public half: the live leaderboard's score
+    private_accuracy: float | None = None
+    metrics: Metrics | None = None
+    evaluated_weights: Literal["raw", "ema", "swa"] | None = None
+    images_per_sec: float | None
+    timings: Timings
+    device_seconds: float  # the device was held from setup to the last evaluation: what a run costs
+    device: DeviceInfo
+    peak_memory_bytes: int
+    versions: Versions
+    test_split: TestSplit
+    dataset: DatasetInfo
+    spec: RunSpec
+
+    _logits: Any = PrivateAttr(default=None)
+
+    @property
+    def logits(self) -> Any:
+        """fp16 test-set logits (a torch tensor, rows in test-set order), or None when not succeeded."""
+        return self._logits
+
+    def with_logits(self, logits: Any) -> TrainResult:
+        self._logits = logits
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as strict JSON (NaN and inf become null)."""
+        return json_safe(self.model_dump(mode="json"))
