@@ -21,3 +21,26 @@ def test_downgrade_then_upgrade_and_no_drift(database_url):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
     engine.dispose()
+
+
+def test_0003_gives_runs_from_before_the_spec_they_were_submitted_with(client, db, admin_headers, database_url):
+    """A run stored before 0003 had no spec: the upgrade builds it from the submission and competition,
+    exactly as create_submission does now."""
+    from sqlalchemy import select
+
+    from app.submissions.models import Run
+    from tests.factories import join, make_competition, make_organizer
+
+    comp = make_competition(client, make_organizer(client, admin_headers), seeds=[0, 7])
+    student = join(client, comp["slug"])
+    r = client.post(f"/api/competitions/{comp['slug']}/submissions", json={"config": {"lr": 0.05, "batch_size": 32}},
+                    headers=student)
+    assert r.status_code == 201, r.text
+    before = {run.seed: (run.spec, run.spec_hash) for run in db.scalars(select(Run))}
+    db.close()
+    migrate.downgrade(database_url, "0002")
+    migrate.upgrade(database_url)
+    db.expire_all()
+    after = {run.seed: (run.spec, run.spec_hash) for run in db.scalars(select(Run))}
+    assert after == before and set(after) == {0, 7}
+    assert after[0][0].config.lr == 0.05 and after[0][0].config.epochs == 3  # unset: the whole budget

@@ -23,7 +23,17 @@ from tests.synthetic import synthetic_dataset
 from worker.engine.config import Budget, ModelSpec, RunSpec, TrainConfig
 from worker.engine.data import Dataset
 from worker.engine.report import json_safe as _json_safe
-from worker.engine.result import EngineError, Event, StopRequested, TrainResult
+from worker.engine.result import (
+    EngineError,
+    EpochEvent,
+    Event,
+    Outcome,
+    ProgressEvent,
+    SetupEvent,
+    StopReason,
+    StopRequested,
+    TrainResult,
+)
 from worker.engine.train import train
 
 N_TEST = 100
@@ -406,6 +416,19 @@ def test_events_carry_the_documented_keys(baseline) -> None:
     assert {e["kind"] for e in events} == {"setup", "progress", "epoch"}
     assert s["history"] == [{k: v for k, v in e.items() if k != "kind"} for e in epochs]
     assert s["train_loss_final"] == epochs[-1]["train_loss"]
+
+
+def test_events_and_result_are_typed(data: Dataset) -> None:
+    events: list[Event] = []
+    result = train(_spec(epochs=1), data, "cpu", events.append)
+    kinds = {SetupEvent: "setup", ProgressEvent: "progress", EpochEvent: "epoch"}
+    assert all(isinstance(e, tuple(kinds)) and e.kind == kinds[type(e)] for e in events)
+    assert (result.status, result.stop_reason) == (Outcome.succeeded, StopReason.completed)
+    assert result.history == [e.row() for e in events if isinstance(e, EpochEvent)]
+    # The stored JSON reads back as the same typed result (the worker stores it; anyone can re-read it).
+    back = TrainResult.model_validate(json.loads(json.dumps(result.to_json())))
+    assert back.model_dump() == result.model_dump() and back.logits is None  # logits travel apart
+    assert result.metrics is not None and result.metrics.public.accuracy == result.accuracy
 
 
 def test_summary_is_strict_json_and_complete(baseline) -> None:
