@@ -28,10 +28,10 @@ data = synthetic_dataset(50_000, 1_000, image_size=32)  # full CIFAR-10 size; th
 spec = RunSpec(config=TrainConfig(epochs=1, batch_size=512, tta="none"), model=ModelSpec(width=64),
                budget=Budget(max_epochs=1), eval_every_epoch=False)
 t = time.perf_counter()
-s = train(spec, data, sys.argv[1]).to_json()
-print(f"full-width ResNet18, 50,000 images, batch 512, {s['precision']}: train {s['timings']['train_seconds']:.1f} s "
-      f"({s['images_per_sec']:.0f} img/s), whole run {time.perf_counter() - t:.1f} s, "
-      f"peak {s['peak_memory_bytes'] / 2**30:.1f} GiB on {s['device']['name']}")
+r = train(spec, data, sys.argv[1])
+print(f"full-width ResNet18, 50,000 images, batch 512, {r.precision}: train {r.timings.train_seconds:.1f} s "
+      f"({r.images_per_sec:.0f} img/s), whole run {time.perf_counter() - t:.1f} s, "
+      f"peak {r.peak_memory_bytes / 2**30:.1f} GiB on {r.device.name}")
 """
 
 

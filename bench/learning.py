@@ -148,8 +148,7 @@ def calibrate(args, cfg: TrainConfig, device) -> float:
     data = c.load_cifar(args.data, args.cache_dir, args.calibration_images, 100)
     spec = RunSpec(config=cfg.model_copy(update={"epochs": 2, "tta": "none"}),
                    model=ModelSpec(width=args.width), budget=Budget(max_epochs=2), eval_every_epoch=False)
-    summary = train(spec, data, device).to_json()
-    return summary["history"][-1]["images_per_sec"]
+    return train(spec, data, device).history[-1].images_per_sec
 
 
 def run(name: str, spec: RunSpec, data, device) -> dict:
@@ -165,22 +164,25 @@ def run(name: str, spec: RunSpec, data, device) -> dict:
             rows.append([e.epoch, e.train_loss, e.seconds, time.perf_counter() - t0,
                          "-" if acc is None else f"{100 * acc:.2f}%", e.images_per_sec])
             shown = "-" if acc is None else f"{100 * acc:.2f}%"
-            print(f"  epoch {e.epoch}/{e.epochs}: loss {e.train_loss:.3f}, "
+            print(f"  epoch {e.epoch}/{e.epochs}: loss {_num(e.train_loss):.3f}, "
                   f"train {e.seconds:.0f}s, wall {time.perf_counter() - t0:.0f}s, public acc {shown}",
                   flush=True)
 
-    s = train(spec, data, device, on_event).to_json()
+    r = train(spec, data, device, on_event)
     wall = time.perf_counter() - t0
     print(c.table(["epoch", "train loss", "train s", "wall s", "public acc (no TTA)", "img/s"], rows))
-    m = s.get("metrics") or {}
-    print(f"  final ({s.get('evaluated_weights', '-')} weights, tta {cfg.tta}): test "
-          f"{100 * m.get('accuracy_all', float('nan')):.2f}% after {s['timings']['train_seconds']:.0f}s of "
-          f"training, {wall:.0f}s wall; stop reason {s['stop_reason']}")
-    return {"acc": m.get("accuracy_all", float("nan")), "public": s.get("accuracy", float("nan")),
-            "private": s.get("private_accuracy", float("nan")), "epochs_done": s["epochs_completed"],
-            "epochs_planned": s["epochs_planned"], "train_s": s["timings"]["train_seconds"],
-            "wall_s": wall, "stop": s["stop_reason"], "weights": s.get("evaluated_weights", "-"),
-            "tta": cfg.tta}
+    acc = _num(r.metrics.accuracy_all if r.metrics else None)
+    print(f"  final ({r.evaluated_weights or '-'} weights, tta {cfg.tta}): test {100 * acc:.2f}% after "
+          f"{r.timings.train_seconds:.0f}s of training, {wall:.0f}s wall; stop reason {r.stop_reason.value}")
+    return {"acc": acc, "public": _num(r.accuracy), "private": _num(r.private_accuracy),
+            "epochs_done": r.epochs_completed, "epochs_planned": r.epochs_planned,
+            "train_s": r.timings.train_seconds, "wall_s": wall, "stop": r.stop_reason.value,
+            "weights": r.evaluated_weights or "-", "tta": cfg.tta}
+
+
+def _num(v: float | None) -> float:
+    """A metric a run that did not succeed (or an empty half) lacks prints as nan."""
+    return float("nan") if v is None else v
 
 
 if __name__ == "__main__":

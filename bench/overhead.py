@@ -7,7 +7,7 @@
     tarball cut from the real one (the decode on it is then proportionally shorter).
 
 (b) Setup vs training: the engine's per-task overhead (dataset load from the packed cache, the engine's
-    setup as it reports it in summary["timings"]["setup_seconds"] — device, statistics, model build,
+    setup as it reports it in result.timings.setup_seconds — device, statistics, model build,
     optimizer — and the first optimizer step) vs the training time of the demo competition's budget.
     The demo competition is imported from worker/demo.py (DEMO_COMPETITION: its dataset subset, model
     and budget; the config is its first example submission), exactly as the worker builds a RunSpec
@@ -26,7 +26,6 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import _common as c
 import torch
@@ -34,6 +33,7 @@ import torch
 from worker.engine.config import Budget, DataSpec, ModelSpec, RunSpec, TrainConfig
 from worker.engine.data import load_dataset
 from worker.engine.packing import pack_source
+from worker.engine.result import Event, ProgressEvent, SetupEvent
 from worker.engine.train import train
 
 LOAD_TARGET_S = 1.0
@@ -112,40 +112,41 @@ def demo_part(args) -> dict:
     data = load_dataset(spec.data, args.cache_dir, download=False, default_path=args.data)
     load_s = time.perf_counter() - t0
 
-    marks: list[tuple[float, Any]] = []
+    marks: list[tuple[float, Event]] = []
     device = c.device_of(args)
     result = train(spec, data, device, on_event=lambda e: marks.append((time.perf_counter(), e)))
-    s = result.to_json()
-    t_setup = next(t for t, e in marks if e.kind == "setup")
-    progress = [(t, e) for t, e in marks if e.kind == "progress"]
+    t_setup = next(t for t, e in marks if isinstance(e, SetupEvent))
+    progress = [(t, e) for t, e in marks if isinstance(e, ProgressEvent)]
     # Steady step time: median over consecutive progress events within one epoch (no evaluation between).
     pairs = zip(progress, progress[1:], strict=False)
     per_step = [(t2 - t1) / (e2.step - e1.step) for (t1, e1), (t2, e2) in pairs if e1.epoch == e2.epoch]
     steady = c.median(per_step)
     t_k, e_k = progress[0]
     first_step = (t_k - t_setup) - (e_k.step - 1) * steady  # exact when progress comes every step
-    setup_s = s["timings"]["setup_seconds"]
+    setup_s = result.timings.setup_seconds
     warmup = first_step - steady
     overhead = load_s + setup_s + first_step
-    train_s = s["timings"]["train_seconds"]
+    train_s = result.timings.train_seconds
     parts = [
         ("dataset load (packed cache, subset)", load_s),
-        ("engine setup (summary setup_seconds)", setup_s),
+        ("engine setup (result setup_seconds)", setup_s),
         ("first optimizer step", first_step),
         ("  of which above a steady step (warm-up)", warmup),
         ("overhead = load + setup + first step", overhead),
         ("  the same with only the warm-up part", load_s + setup_s + warmup),
-        ("training (summary train_seconds)", train_s),
+        ("training (result train_seconds)", train_s),
     ]
     rows = [[name, sec, f"{100 * sec / train_s:.2f}%"] for name, sec in parts]
-    rows.append(["evaluation, for reference (eval_seconds)", s["timings"]["eval_seconds"], "-"])
+    rows.append(["evaluation, for reference (eval_seconds)", result.timings.eval_seconds, "-"])
     print(c.table(["part of the task", "seconds", "of training"], rows))
-    if s["steps_completed"] < 40:
-        print(f"    note: with only {s['steps_completed']} steps, the first step alone is "
-              f"{100 / s['steps_completed']:.0f}% of training; the warm-up line is the fixed cost.")
-    print(f"    {s['steps_completed']} steps of batch {s['effective_batch_size']}, steady step "
-          f"{1000 * steady:.0f} ms, {s['images_per_sec']:.0f} images/s, stop reason {s['stop_reason']}, "
-          f"public accuracy {s.get('accuracy', float('nan')):.3f}")
+    steps = result.steps_completed
+    if steps < 40:
+        print(f"    note: with only {steps} steps, the first step alone is {100 / steps:.0f}% of training; the "
+              "warm-up line is the fixed cost.")
+    accuracy = float("nan") if result.accuracy is None else result.accuracy
+    print(f"    {steps} steps of batch {result.effective_batch_size}, steady step {1000 * steady:.0f} ms, "
+          f"{result.images_per_sec or 0:.0f} images/s, stop reason {result.stop_reason.value}, "
+          f"public accuracy {accuracy:.3f}")
     return {"overhead": overhead, "train_seconds": train_s}
 
 

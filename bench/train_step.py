@@ -6,7 +6,7 @@ ResNet18, batch 256, its default recipe: nesterov SGD, one-cycle, crop + flip on
 channels_last, automatic precision: bf16 autocast on a CPU with native bf16, else fp32),
 `eval_every_epoch=False`, `tta="none"`. Each round also runs the engine with `precision="fp32"`, so
 the gain from the loop alone (no mixed precision) is printed next to the headline ratio. Images/s is the engine's own
-`summary["images_per_sec"]`: images trained / training seconds (setup and the final evaluation are
+`TrainResult.images_per_sec`: images trained / training seconds (setup and the final evaluation are
 not included; the first step's warm-up is).
 
 Baseline: the loop tutorials write. `DataLoader(ImageFolder(jpegs, RandomCrop(32, 4) + flip +
@@ -42,6 +42,7 @@ from worker.engine.augment import augment_batch
 from worker.engine.config import Budget, DataSpec, ModelSpec, RunSpec, TrainConfig
 from worker.engine.model import build_model
 from worker.engine.optim import build_optimizer, set_lr
+from worker.engine.result import TrainResult
 from worker.engine.schedule import lr_factor
 from worker.engine.train import channel_stats, train
 
@@ -80,8 +81,8 @@ def main() -> None:
 
     spec32 = spec.model_copy(update={"config": spec.config.model_copy(update={"precision": "fp32"})})
 
-    def engine_run(fp32: bool = False) -> dict:
-        return train(spec32 if fp32 else spec, data, device).to_json()
+    def engine_run(fp32: bool = False) -> TrainResult:
+        return train(spec32 if fp32 else spec, data, device)
 
     # ---- baseline: the tutorial loop --------------------------------------------------------------------
     tutorial = c.tutorial_transform(mean, std)
@@ -130,16 +131,16 @@ def main() -> None:
         s = engine_run()
         s32 = engine_run(fp32=True)
         b = baseline_run()
-        precision = s["precision"]
-        eng.append(s["images_per_sec"])
-        eng32.append(s32["images_per_sec"])
+        precision = s.precision
+        eng.append(s.images_per_sec)
+        eng32.append(s32.images_per_sec)
         base.append(b["images_per_sec"])
         base_runs.append(b)
-        rows.append([r + 1, s["images_per_sec"], s["timings"]["train_seconds"], s32["images_per_sec"],
-                     b["images_per_sec"], b["seconds"], s["images_per_sec"] / b["images_per_sec"],
-                     s32["images_per_sec"] / b["images_per_sec"]])
-        print(f"  round {r + 1}/{args.rounds}: engine ({precision}) {s['images_per_sec']:.0f} img/s, engine (fp32) "
-              f"{s32['images_per_sec']:.0f} img/s, baseline {b['images_per_sec']:.0f} img/s", flush=True)
+        rows.append([r + 1, s.images_per_sec, s.timings.train_seconds, s32.images_per_sec,
+                     b["images_per_sec"], b["seconds"], s.images_per_sec / b["images_per_sec"],
+                     s32.images_per_sec / b["images_per_sec"]])
+        print(f"  round {r + 1}/{args.rounds}: engine ({precision}) {s.images_per_sec:.0f} img/s, engine (fp32) "
+              f"{s32.images_per_sec:.0f} img/s, baseline {b['images_per_sec']:.0f} img/s", flush=True)
     print()
     print(c.table(["round", f"engine ({precision}) img/s", "engine s", "engine (fp32) img/s", "baseline img/s",
                    "baseline s", "ratio", "ratio fp32"], rows))

@@ -114,9 +114,10 @@ def _print_summary(r: TrainResult) -> None:
     t = Table(title="Result", show_header=False)
     t.add_row("status", f"{r.status.value} ({r.stop_reason.value})")
     if r.metrics is not None:
-        t.add_row("accuracy (public half)", f"{r.metrics.public.accuracy:.4f}")
-        t.add_row("accuracy (private half)", f"{r.metrics.private.accuracy:.4f}")
-        t.add_row("ECE / after temperature", f"{r.metrics.public.ece:.4f} / {r.metrics.public.ece_temperature:.4f}")
+        pub, priv = r.metrics.public, r.metrics.private
+        t.add_row("accuracy (public half)", _fmt(pub.accuracy))
+        t.add_row("accuracy (private half)", _fmt(priv.accuracy))
+        t.add_row("ECE / after temperature", f"{_fmt(pub.ece)} / {_fmt(pub.ece_temperature)}")
     if r.diverged_step:
         t.add_row("diverged at", f"step {r.diverged_step} (epoch {r.diverged_epoch})")
     t.add_row("epochs", f"{r.epochs_completed}/{r.epochs_planned}")
@@ -127,6 +128,10 @@ def _print_summary(r: TrainResult) -> None:
     tm = r.timings
     t.add_row("setup / train / eval s", f"{tm.setup_seconds:.1f} / {tm.train_seconds:.1f} / {tm.eval_seconds:.1f}")
     console.print(t)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"  # None: an empty half of a tiny test set
 
 
 # ----------------------------------------------------------------------------------------------------

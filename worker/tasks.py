@@ -64,7 +64,8 @@ def result_columns(result: TrainResult) -> dict[str, Any]:
 
 
 class _Heartbeat(threading.Thread):
-    """Refreshes the run's heartbeat while training; notices cancellation from the API."""
+    """Refreshes the run's heartbeat while training; notices when the run stops being this worker's
+    (cancelled by the participant, or superseded by another attempt) and asks the engine to stop."""
 
     def __init__(self, claim: runs.Claimed, interval: float):
         super().__init__(name=f"heartbeat-run-{claim.run_id}", daemon=True)
@@ -216,12 +217,12 @@ def train_run(self, run_id: int) -> str:
         log.error("run %s failed: %s\n%s", run_id, text, traceback.format_exc())
         try:
             with session_scope() as s:
-                runs.finish(s, claim, RunStatus.failed, error=text[:4000],
-                            wall_seconds=time.perf_counter() - t0)
+                not_ours = runs.finish(s, claim, RunStatus.failed, error=text[:4000],
+                                       wall_seconds=time.perf_counter() - t0)
         except Exception:
             log.exception("could not record the failure of run %s", run_id)
             raise
-        return "failed"
+        return not_ours or "failed"
     finally:
         # ---- clean up -------------------------------------------------------------------------------------
         hb.close()

@@ -50,6 +50,8 @@ class Submission(TimestampMixin, Base):
     competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"))
     team_id: Mapped[int] = mapped_column(ForeignKey("team.id", ondelete="CASCADE"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"))
+    # The participant's config as resolved at submission (every default filled in): each run's spec.config
+    # is this same config, kept here too because it is what the submission is (listed without its runs).
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     # Derived from the runs by submissions.service.refresh_submission; cached here so SQL can rank it.
     status: Mapped[str] = mapped_column(String(20), default=RunStatus.queued)
@@ -80,7 +82,7 @@ class Run(TimestampMixin, Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     worker_hostname: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    device_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    device_name: Mapped[str | None] = mapped_column(String(255), nullable=True)  # set at claim; result.device
     progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1 of the epoch budget
     # The engine's TrainResult (worker.engine.result) is the record, stored whole in `result`. The columns
     # from here to `diverged_step` are its indexed copies, written from it by worker.tasks.result_columns
@@ -102,6 +104,9 @@ class Run(TimestampMixin, Base):
 
 
 class EpochMetric(Base):
+    """One row per epoch, written while the run trains (the live curve); the finished run's result.history
+    holds the same rows as the engine's record."""
+
     __tablename__ = "epoch_metric"
     __table_args__ = (UniqueConstraint("run_id", "epoch"),)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
+from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -15,6 +17,9 @@ from app.errors import Conflict, NotFound, OutsideSearchSpace, QuotaExceeded
 from app.queue import send_train
 from app.submissions.models import TERMINAL, EpochMetric, Run, RunStatus, Submission
 from worker.engine.config import RunSpec, TrainConfig, check_in_space
+from worker.engine.result import TrainResult
+
+log = logging.getLogger("hparena.submissions")
 
 
 def check_open(comp: Competition, now: datetime) -> None:
@@ -55,14 +60,10 @@ def run_spec(comp: Competition, cfg: TrainConfig, seed: int) -> RunSpec:
 
 def create_submission(session: Session, comp: Competition, member: Membership, user: User,
                       cfg: TrainConfig) -> Submission:
-    specs = [run_spec(comp, cfg, seed) for seed in comp.seeds]
-    # The spec fills unset epochs with the whole budget; epochs asked for beyond it are refused here
-    # (the spec would cut them, which a participant should hear about rather than find out).
-    resolved = specs[0].config.model_copy(update={"epochs": cfg.epochs}) if "epochs" in cfg.model_fields_set \
-        else specs[0].config
-    violations = check_in_space(resolved, comp.search_space, comp.budget.max_epochs)
+    violations = check_in_space(cfg, comp.search_space, comp.budget)
     if violations:
         raise OutsideSearchSpace(violations)
+    specs = [run_spec(comp, cfg, seed) for seed in comp.seeds]
     now = utcnow()
     check_open(comp, now)
     check_quota(session, comp, member.team_id, now)
@@ -161,15 +162,14 @@ def refresh_submission(session: Session, submission_id: int) -> Submission:
     return sub
 
 
-PRIVATE_KEYS = ("private_accuracy", "accuracy_all")
-
-
 def participant_view(result: dict | None) -> dict | None:
-    """The engine's result without anything computed on the private test half, which participants must
-    not see (tuning against it would defeat the private board)."""
+    """The engine's stored result without the fields it marks private (computed on the private test half,
+    which participants must not tune against). A record this version cannot read is withheld rather than
+    shown with fields it cannot tell apart."""
     if result is None:
         return None
-    out = {k: v for k, v in result.items() if k not in PRIVATE_KEYS}
-    if isinstance(out.get("metrics"), dict):
-        out["metrics"] = {k: v for k, v in out["metrics"].items() if k not in ("private",) + PRIVATE_KEYS}
-    return out
+    try:
+        return TrainResult.model_validate(result).participant_json()
+    except ValidationError:
+        log.warning("a stored run result does not validate as a TrainResult; withheld from the participant")
+        return None

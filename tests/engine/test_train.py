@@ -22,7 +22,6 @@ import worker.engine.train as train_mod
 from tests.synthetic import synthetic_dataset
 from worker.engine.config import Budget, ModelSpec, RunSpec, TrainConfig
 from worker.engine.data import Dataset
-from worker.engine.report import json_safe as _json_safe
 from worker.engine.result import (
     EngineError,
     EpochEvent,
@@ -163,7 +162,7 @@ def test_planted_nan_stops_at_once_as_diverged(monkeypatch, data: Dataset, k: in
     assert result.logits is None
     assert s["accuracy"] is None and s["evaluated_weights"] is None and s["metrics"] is None
     assert s["train_loss_final"] is None  # NaN is reported as missing, not as a number
-    json.dumps(_json_safe(s), allow_nan=False)
+    json.dumps(s, allow_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,7 +354,7 @@ def test_stop_requested_after_the_first_epoch_cancels(data: Dataset) -> None:
     assert s["epochs_completed"] == 1
     assert s["steps_completed"] == 4  # nothing of epoch 2 ran
     assert [e["epoch"] for e in _kinds(events, "epoch")] == [1]
-    json.dumps(_json_safe(s), allow_nan=False)
+    json.dumps(s, allow_nan=False)
 
 
 def test_stop_requested_mid_epoch_cancels_at_once(data: Dataset) -> None:
@@ -429,12 +428,17 @@ def test_events_and_result_are_typed(data: Dataset) -> None:
     back = TrainResult.model_validate(json.loads(json.dumps(result.to_json())))
     assert back.model_dump() == result.model_dump() and back.logits is None  # logits travel apart
     assert result.metrics is not None and result.metrics.public.accuracy == result.accuracy
+    # What participants see: every field computed on the private half is gone, the rest is the record.
+    view, record = result.participant_json(), result.to_json()
+    assert "private_accuracy" not in view and set(view["metrics"]) == {"temperature", "public"}
+    assert view["metrics"]["public"] == record["metrics"]["public"] and view["history"] == record["history"]
+    assert set(record) - set(view) == {"private_accuracy"}
 
 
 def test_summary_is_strict_json_and_complete(baseline) -> None:
     spec, result, _ = baseline
     s = result.to_json()
-    text = json.dumps(_json_safe(s), allow_nan=False)
+    text = json.dumps(s, allow_nan=False)
     back = json.loads(text)
 
     assert back["status"] == "succeeded" and back["stop_reason"] == "completed"

@@ -233,7 +233,10 @@ def test_nan_loss_leaves_diverged_with_epoch(client, db, contest, monkeypatch):
     assert torch.isfinite(torch.tensor(run["epochs"][0]["train_loss"]))
 
 
-def test_cancel_while_running_stops_the_worker(client, db, contest, settings_env, monkeypatch):
+@pytest.fixture
+def training(client, db, contest, settings_env, monkeypatch):
+    """A 50-epoch run training in a background thread, returned once its first epoch row is written:
+    (submission, student headers, run id, the task's return value once it ends, the thread)."""
     monkeypatch.setenv("HPARENA_HEARTBEAT_SECONDS", "0.2")
     from app.config import get_settings
 
@@ -250,6 +253,12 @@ def test_cancel_while_running_stops_the_worker(client, db, contest, settings_env
             if s.scalar(select(EpochMetric.id).where(EpochMetric.run_id == run_id)):
                 break
         time.sleep(0.2)
+    yield sub, student, run_id, out, t
+    t.join(60)
+
+
+def test_cancel_while_running_stops_the_worker(client, training):
+    sub, student, run_id, out, t = training
     r = client.post(f"/api/submissions/{sub['id']}/cancel", headers=student)
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     t.join(60)
@@ -260,24 +269,8 @@ def test_cancel_while_running_stops_the_worker(client, db, contest, settings_env
     assert len(epochs) < 50
 
 
-def test_a_superseded_worker_stops_and_says_superseded_not_cancelled(client, db, contest, settings_env,
-                                                                     monkeypatch):
-    monkeypatch.setenv("HPARENA_HEARTBEAT_SECONDS", "0.2")
-    from app.config import get_settings
-
-    get_settings.cache_clear()
-    comp, student = contest(max_epochs=50, search_space={})
-    sub = _submit(client, comp, student, batch_size=32, epochs=50)
-    (run_id,) = _run_ids(db, sub["id"])
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(_apply(run_id)))
-    t.start()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        with session_scope() as s:
-            if s.scalar(select(EpochMetric.id).where(EpochMetric.run_id == run_id)):
-                break
-        time.sleep(0.2)
+def test_a_superseded_worker_stops_and_says_superseded_not_cancelled(training):
+    _, _, run_id, out, t = training
     with session_scope() as s:  # another worker took the run over (what a stale-heartbeat reclaim does)
         s.execute(update(Run).where(Run.id == run_id).values(attempts=Run.attempts + 1, worker_hostname="other"))
     t.join(60)

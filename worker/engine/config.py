@@ -54,7 +54,8 @@ class TrainConfig(_Strict):
     batch_size: int = Field(
         256, ge=1, le=8192, description="Examples per micro-step; effective batch is batch_size * grad_accum_steps."
     )
-    epochs: int = Field(10, ge=1, le=1000, description="Epochs (capped by the competition budget).")
+    epochs: int = Field(10, ge=1, le=1000, description="Epochs; unset means the whole budget (budget.max_epochs), "
+                        "and a competition refuses more than that.")
     grad_accum_steps: int = Field(1, ge=1, le=128, description="Micro-steps accumulated per optimizer step.")
     grad_clip_norm: float | None = Field(None, gt=0.0, le=1000.0, description="Clip the global grad norm (None: off).")
 
@@ -159,6 +160,12 @@ class Budget(_Strict):
     max_seconds: float | None = Field(None, gt=0, description="Device-seconds of training; evaluation is extra.")
     compile_counts: bool = Field(True, description="Whether torch.compile warm-up counts against max_seconds.")
 
+    def epochs_for(self, cfg: TrainConfig) -> int:
+        """The one place the epoch cap lives: a config that leaves epochs unset gets the whole budget; one
+        that sets them gets at most max_epochs. RunSpec applies it, the engine trains it, and the API
+        refuses a submission that asks for more (check_in_space)."""
+        return min(cfg.epochs, self.max_epochs) if "epochs" in cfg.model_fields_set else self.max_epochs
+
 
 class RunSpec(_Strict):
     """Everything one run needs: the same object runs on a worker and in `hparena train`."""
@@ -173,19 +180,18 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _epochs_within_budget(self) -> RunSpec:
-        """The one place the budget's epoch cap is applied: a config that leaves epochs unset gets the whole
-        budget, and one that asks for more is cut to it. (The API refuses such a submission outright, so a
-        stored spec never needs the cut; a local `hparena train` run gets it.)"""
-        cfg = self.config
-        epochs = min(cfg.epochs, self.budget.max_epochs) if "epochs" in cfg.model_fields_set \
-            else self.budget.max_epochs
-        if epochs != cfg.epochs or "epochs" not in cfg.model_fields_set:
+        """Resolve epochs against the budget (Budget.epochs_for), so the spec says how many epochs it trains.
+        A stored spec never needs the cut (the API refuses such a submission); a local `hparena train` does."""
+        epochs = self.budget.epochs_for(self.config)
+        if epochs != self.config.epochs or "epochs" not in self.config.model_fields_set:
             # Assignment re-runs this validator once; the copy has epochs set, so it stops there.
-            self.config = cfg.model_copy(update={"epochs": epochs})
+            self.config = self.config.model_copy(update={"epochs": epochs})
         return self
 
     def identity(self) -> str:
-        """SHA-256 of the spec's canonical JSON: two runs with the same identity compute the same thing."""
+        """SHA-256 of the spec's canonical JSON. Equal identities were asked for the same computation (data,
+        model, budget, config and seed); their results match bit for bit only with `deterministic` on the
+        same code and hardware."""
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
 
@@ -251,10 +257,12 @@ class Violation(NamedTuple):
         return f"{self.field}={self.value!r} is outside the competition's search space: {self.why}"
 
 
-def check_in_space(cfg: TrainConfig, space: dict[str, Any] | None, max_epochs: int) -> list[Violation]:
-    """Every field of `cfg` outside the competition's space (and epochs over its budget); empty if none."""
+def check_in_space(cfg: TrainConfig, space: dict[str, Any] | None, budget: Budget) -> list[Violation]:
+    """Every field of `cfg` outside the competition's space, and epochs over its budget; empty if none.
+    Unset epochs are checked as what they resolve to: the whole budget."""
     violations: list[Violation] = []
     values = cfg.model_dump()
+    values["epochs"] = budget.epochs_for(cfg)
     rules = effective_space(space)
     for name, rule in rules.items():
         value = values[name]
@@ -266,7 +274,7 @@ def check_in_space(cfg: TrainConfig, space: dict[str, Any] | None, max_epochs: i
             hi = math.inf if rule.max is None else rule.max
             if not lo <= value <= hi:
                 violations.append(Violation(name, value, f"must be within [{rule.min}, {rule.max}]", rule.model_dump()))
-    if cfg.epochs > max_epochs:
-        violations.append(Violation("epochs", cfg.epochs, f"must be within [1, {max_epochs}] (competition budget)",
-                                    {"min": 1, "max": max_epochs}))
+    if "epochs" in cfg.model_fields_set and values["epochs"] < cfg.epochs:
+        violations.append(Violation("epochs", cfg.epochs, f"must be within [1, {budget.max_epochs}] (competition "
+                                    "budget)", {"min": 1, "max": budget.max_epochs}))
     return violations

@@ -140,7 +140,6 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-
 def versions() -> Versions:
     import torchvision
 

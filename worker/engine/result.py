@@ -7,13 +7,29 @@ file, and both read it back with `TrainResult.model_validate`.
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from worker.engine.config import RunSpec
-from worker.engine.report import json_safe
+
+# Marks a field computed on the private test half: participants never see it (see participant_json).
+PRIVATE: dict[str, Any] = {"private": True}
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf become None (strict JSON has neither); tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 class StopRequested(Exception):  # noqa: N818 - it is a request, not an error
@@ -134,9 +150,9 @@ class Metrics(_Data):
     """Accuracy and calibration of the final weights, per half of the test set."""
 
     temperature: float  # fitted on the public half only, applied to both
-    accuracy_all: float | None
+    accuracy_all: float | None = Field(json_schema_extra=PRIVATE)  # includes the private half
     public: HalfMetrics
-    private: HalfMetrics
+    private: HalfMetrics = Field(json_schema_extra=PRIVATE)
 
 
 class CompileInfo(_Data):
@@ -204,7 +220,7 @@ class TrainResult(_Data):
     compile: CompileInfo
     history: list[EpochRow]
     accuracy: float | None = None  # public half: the live leaderboard's score
-    private_accuracy: float | None = None
+    private_accuracy: float | None = Field(None, json_schema_extra=PRIVATE)
     metrics: Metrics | None = None
     evaluated_weights: Literal["raw", "ema", "swa"] | None = None
     images_per_sec: float | None
@@ -231,3 +247,21 @@ class TrainResult(_Data):
     def to_json(self) -> dict[str, Any]:
         """The record as strict JSON (NaN and inf become null)."""
         return json_safe(self.model_dump(mode="json"))
+
+    def participant_json(self) -> dict[str, Any]:
+        """The record without any field marked PRIVATE: tuning against the private half would defeat it."""
+        return json_safe(self.model_dump(mode="json", exclude=_private_fields(TrainResult)))
+
+
+def _private_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """A pydantic `exclude` tree of every field marked PRIVATE in `model` and the models it contains."""
+    out: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        if (f.json_schema_extra or {}) == PRIVATE:
+            out[name] = True
+            continue
+        inner = typing.get_args(f.annotation) if isinstance(f.annotation, types.UnionType) else (f.annotation,)
+        for t in inner:
+            if isinstance(t, type) and issubclass(t, BaseModel) and (sub := _private_fields(t)):
+                out[name] = sub
+    return out

@@ -12,7 +12,6 @@ micro-batch. It may raise `StopRequested` to cancel; the engine then returns a r
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from worker.engine.device import (
     peak_memory,
     resolve_device,
     resolve_precision,
+    seed_everything,
     tune_cpu_allocator,
     versions,
 )
@@ -65,17 +65,6 @@ EVAL_BATCH = 1024
 # ----------------------------------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
 
 
 def channel_stats(x: torch.Tensor, sample: int = 5000) -> tuple[list[float], list[float]]:
@@ -176,8 +165,9 @@ def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float) -
         train_x=train_x, train_y=train_y, mean=mean, std=std, public_idx=public_idx, private_idx=private_idx,
         model=model, step_model=step_model, channels_last=channels_last, memory_format_note=memory_format_note,
         optimizer=optimizer, ema=ema, swa=swa, gen=gen,
-        # The budget's epoch cap is already in the spec (RunSpec resolves it).
-        epochs=cfg.epochs,
+        # A validated RunSpec has resolved this already; asking the budget again covers a copied or
+        # constructed spec that skipped validation.
+        epochs=spec.budget.epochs_for(cfg),
         effective_batch=effective_batch,
         steps_per_epoch=len(train_y) // effective_batch,  # drop the ragged last batch: every step the same shape
         # CUDA runs asynchronously: only look at loss and clock every few steps so the GPU never waits on us.
