@@ -185,7 +185,7 @@ def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) ->
         guard = (Run.id == run_id) & (Run.status == RunStatus.running) & (Run.attempts == attempts) \
             & (Run.heartbeat_at < stale)
         if attempts >= max_attempts:
-            give_up(session, session.get(Run, run_id), guard)
+            give_up(session, session.get(Run, run_id, populate_existing=True), guard)
             continue
         won = session.execute(update(Run).where(guard).values(
             status=RunStatus.queued, error=f"worker {host} stopped heartbeating; requeued",
