@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import IntegrityError
 
 from app.admin.router import router as admin_router
+from app.auth.router import router as auth_router
 from app.auth.service import ensure_admin
 from app.competitions.router import router as competitions_router
 from app.config import get_settings
@@ -34,7 +35,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="hparena", version="0.1.0", lifespan=lifespan,
                   description="Hyperparameter-tuning competitions: submit a config, a GPU worker trains it, "
                               "the leaderboard ranks it.")
-    for r in (competitions_router, submissions_router, leaderboard_router, admin_router):
+    for r in (competitions_router, submissions_router, leaderboard_router, auth_router, admin_router):
         app.include_router(r)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(DomainError, domain_error_handler)

@@ -1,12 +1,13 @@
 """Every table, imported in one place so Alembic's autogenerate and `Base.metadata` see them all."""
 
 from app.admin.models import WorkerNode
+from app.audit.models import AuditEvent
 from app.auth.models import Role, User
 from app.competitions.models import Competition, Membership, Team
 from app.db import Base
 from app.submissions.models import EpochMetric, Run, RunLogits, RunStatus, Submission
 
 __all__ = [
-    "Base", "Competition", "EpochMetric", "Membership", "Role", "Run", "RunLogits", "RunStatus",
+    "AuditEvent", "Base", "Competition", "EpochMetric", "Membership", "Role", "Run", "RunLogits", "RunStatus",
     "Submission", "Team", "User", "WorkerNode",
 ]

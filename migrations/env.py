@@ -37,8 +37,27 @@ def run_migrations_online() -> None:
 
         engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            _run_sqlite(conn)
+        else:
+            _run(conn)
+            conn.commit()
+
+
+def _run_sqlite(conn) -> None:
+    """Batch mode rebuilds a table by copy, drop and rename. With foreign keys enforced (app.db turns them
+    on for every connection) the drop fails as soon as another table's rows point at it, so they are off
+    while migrating (the pragma only takes effect outside a transaction) and checked before they go back on."""
+    conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    try:
         _run(conn)
         conn.commit()
+        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"migration left rows pointing at missing rows: {broken[:5]}")
+    finally:
+        conn.rollback()
+        conn.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 def _run(connection) -> None:

@@ -1,20 +1,26 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
 
 from app.admin.schemas import FleetOut, UserCreate, UserCreated
 from app.admin.service import fleet
+from app.audit import service as audit
+from app.audit.schemas import AuditEventOut
 from app.auth.dependencies import CurrentAdmin, SessionDep
-from app.auth.service import create_user
+from app.auth.schemas import TokenOut
+from app.auth.service import create_user, get_user, revoke_token, rotate_token
 from app.http import BODY_ERRORS, error_responses
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
+UserId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 @router.post("/users", response_model=UserCreated, status_code=status.HTTP_201_CREATED,
              responses=error_responses(401, 403, *BODY_ERRORS))
 def add_user(data: UserCreate, session: SessionDep, _admin: CurrentAdmin):
-    user, token = create_user(session, data.name, data.role)
+    user, token = create_user(session, data.name, data.role, actor=_admin)
     return UserCreated(id=user.id, name=user.name, role=user.role, token=token)
 
 
@@ -22,3 +28,24 @@ def add_user(data: UserCreate, session: SessionDep, _admin: CurrentAdmin):
 def workers(session: SessionDep, _admin: CurrentAdmin) -> dict:
     """The worker fleet (hostname, queues, device, busy/idle/offline) and queue depths."""
     return fleet(session)
+
+
+@router.post("/users/{user_id}/token", response_model=TokenOut, responses=error_responses(401, 403, 404, 422))
+def rotate_user_token(user_id: UserId, session: SessionDep, admin: CurrentAdmin):
+    """Issue a new token for any account (also to restore a revoked one); the old token stops working."""
+    return TokenOut(token=rotate_token(session, get_user(session, user_id), admin))
+
+
+@router.delete("/users/{user_id}/token", status_code=status.HTTP_204_NO_CONTENT,
+               responses=error_responses(401, 403, 404, 422))
+def revoke_user_token(user_id: UserId, session: SessionDep, admin: CurrentAdmin) -> Response:
+    """Revoke an account's token: it can't sign in until an admin issues a new one."""
+    revoke_token(session, get_user(session, user_id), admin)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/audit", response_model=list[AuditEventOut], responses=error_responses(401, 403, 422))
+def audit_log(session: SessionDep, _admin: CurrentAdmin, limit: Annotated[int, Query(ge=1, le=500)] = 100,
+              before_id: Annotated[int | None, Query(ge=1, le=2**31 - 1)] = None):
+    """Admin and organizer actions and token changes, newest first; page back with `before_id`."""
+    return audit.recent(session, limit, before_id)

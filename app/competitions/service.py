@@ -6,6 +6,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.audit.service import record
 from app.auth.models import Role, User
 from app.auth.service import create_user
 from app.competitions.models import Competition, Membership, Team
@@ -48,6 +49,8 @@ def create_competition(session: Session, data: CompetitionCreate, creator: User 
     )
     session.add(comp)
     session.flush()
+    record(session, creator, "competition.create", f"competition:{comp.slug}", title=comp.title,
+           hardware_class=comp.hardware_class, seeds=comp.seeds)
     return comp
 
 
