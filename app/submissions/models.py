@@ -44,7 +44,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 class Submission(TimestampMixin, Base):
     __tablename__ = "submission"
-    __table_args__ = (Index("ix_submission_competition_status", "competition_id", "status"),)
+    __table_args__ = (Index("ix_submission_competition_status", "competition_id", "status"),
+                      UniqueConstraint("user_id", "idempotency_key"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"))
@@ -53,6 +54,8 @@ class Submission(TimestampMixin, Base):
     # The participant's config as resolved at submission (every default filled in): each run's spec.config
     # is this same config, kept here too because it is what the submission is (listed without its runs).
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The client's Idempotency-Key header: a retried POST with the same key gets this submission back.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # Derived from the runs by submissions.service.refresh_submission; cached here so SQL can rank it.
     status: Mapped[str] = mapped_column(String(20), default=RunStatus.queued)
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)  # mean public accuracy over seeds

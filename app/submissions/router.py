@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Header, Path, Response, status
 from sqlalchemy.orm import Session
 
 from app.auth.dependencies import CurrentUser, SessionDep
@@ -19,10 +19,17 @@ SubmissionId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 @router.post("/competitions/{slug}/submissions", response_model=SubmissionOut,
              status_code=status.HTTP_201_CREATED,
              responses=error_responses(401, 403, 404, 409, 429, *BODY_ERRORS))
-def submit(slug: str, data: SubmissionCreate, session: SessionDep, user: CurrentUser):
+def submit(slug: str, data: SubmissionCreate, session: SessionDep, user: CurrentUser, response: Response,
+           idempotency_key: Annotated[str | None, Header(
+               min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+               description="Any unique string per intended submission (a UUID): a retry with the same key "
+                           "returns the first submission instead of making and charging a second one.")] = None):
     comp = get_competition(session, slug)
     member = membership(session, comp, user)
-    return service.create_submission(session, comp, member, user, data.config)
+    sub, created = service.create_submission(session, comp, member, user, data.config, idempotency_key)
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return sub
 
 
 @router.get("/submissions", response_model=list[SubmissionOut], responses=error_responses(401, 404, 422))

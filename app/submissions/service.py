@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.auth.models import User
@@ -30,10 +31,9 @@ def check_open(comp: Competition, now: datetime) -> None:
 
 
 def check_quota(session: Session, comp: Competition, team_id: int, now: datetime) -> None:
+    """Call with the team row locked (lock_team), so parallel POSTs can't all fit one last slot."""
     if comp.submission_quota is None:
         return
-    # Serialise a team's concurrent submissions (PostgreSQL) so parallel POSTs can't all fit one last slot.
-    session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
     q = select(Submission.created_at).where(Submission.team_id == team_id).order_by(Submission.created_at)
     if comp.quota_window_hours:
         q = q.where(Submission.created_at > now - timedelta(hours=comp.quota_window_hours))
@@ -58,19 +58,37 @@ def run_spec(comp: Competition, cfg: TrainConfig, seed: int) -> RunSpec:
                    deterministic=comp.deterministic)
 
 
+def lock_team(session: Session, team_id: int) -> None:
+    """Serialise a team's concurrent submissions (PostgreSQL row lock; SQLite serialises writers anyway)."""
+    session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
+
+
 def create_submission(session: Session, comp: Competition, member: Membership, user: User,
-                      cfg: TrainConfig) -> Submission:
+                      cfg: TrainConfig, idempotency_key: str | None = None) -> tuple[Submission, bool]:
+    """-> (the submission, whether it was created now). With an idempotency key the participant already
+    used, nothing new is created or charged: the first submission made with that key comes back."""
     violations = check_in_space(cfg, comp.search_space, comp.budget)
     if violations:
         raise OutsideSearchSpace(violations)
     specs = [run_spec(comp, cfg, seed) for seed in comp.seeds]
+    config = specs[0].config.model_dump(mode="json")
+    lock_team(session, member.team_id)
+    if idempotency_key is not None and (first := _by_key(session, user, idempotency_key)) is not None:
+        if first.competition_id != comp.id or first.config != config:
+            raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for submission {first.id}, with a "
+                           "different competition or config; use a new key for a new submission")
+        return first, False
     now = utcnow()
     check_open(comp, now)
     check_quota(session, comp, member.team_id, now)
-    sub = Submission(competition_id=comp.id, team_id=member.team_id, user_id=user.id,
-                     config=specs[0].config.model_dump(mode="json"), status=RunStatus.queued, created_at=now)
+    sub = Submission(competition_id=comp.id, team_id=member.team_id, user_id=user.id, config=config,
+                     idempotency_key=idempotency_key, status=RunStatus.queued, created_at=now)
     session.add(sub)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # the same key in a request running at this very moment (SQLite: no row lock)
+        raise Conflict(f"a submission with Idempotency-Key {idempotency_key!r} is being made right now; "
+                       "retry to get it") from None
     queue = get_settings().queue_for(comp.hardware_class)
     for spec in specs:
         run = Run(submission_id=sub.id, seed=spec.seed, spec=spec, spec_hash=spec.identity(), queue=queue,
@@ -78,7 +96,12 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
         session.add(run)
         session.flush()
         enqueue_after_commit(session, lambda rid=run.id: send_train(rid, queue))
-    return sub
+    return sub, True
+
+
+def _by_key(session: Session, user: User, key: str) -> Submission | None:
+    return session.scalar(select(Submission).where(Submission.user_id == user.id,
+                                                   Submission.idempotency_key == key))
 
 
 def get_own_submission(session: Session, user: User, submission_id: int) -> Submission:

@@ -1,4 +1,5 @@
-"""revocable tokens (user_account.token_hash nullable) and the audit log (audit_event)
+"""revocable tokens (user_account.token_hash nullable), the audit log (audit_event), idempotent submissions
+(submission.idempotency_key, unique per user)
 
 Revision ID: 0004
 Revises: 0003
@@ -33,9 +34,15 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("audit_event", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_audit_event_at"), ["at"], unique=False)
+    with op.batch_alter_table("submission", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("idempotency_key", sa.String(length=200), nullable=True))
+        batch_op.create_unique_constraint(batch_op.f("uq_submission_user_id"), ["user_id", "idempotency_key"])
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("submission", schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f("uq_submission_user_id"), type_="unique")
+        batch_op.drop_column("idempotency_key")
     with op.batch_alter_table("audit_event", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_audit_event_at"))
     op.drop_table("audit_event")

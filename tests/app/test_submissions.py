@@ -139,3 +139,23 @@ def test_absurd_submission_ids_are_a_422_not_a_crash(client, admin_headers):
     _, student = _setup(client, admin_headers)
     assert client.get("/api/submissions/100000000000000000000", headers=student).status_code == 422
     assert client.get("/api/submissions/0", headers=student).status_code == 422
+
+
+def test_a_retry_with_the_same_idempotency_key_returns_the_first_submission(client, admin_headers):
+    comp = make_competition(client, make_organizer(client, admin_headers), submission_quota=2)
+    student = join(client, comp["slug"])
+    url = f"/api/competitions/{comp['slug']}/submissions"
+    body = {"config": {"batch_size": 32, "lr": 0.1}}
+    first = client.post(url, json=body, headers={**student, "Idempotency-Key": "k-1"})
+    again = client.post(url, json=body, headers={**student, "Idempotency-Key": "k-1"})
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert len(client.get("/api/submissions", headers=student).json()) == 1  # one submission, one quota slot
+    # The same key for another config is a client bug, not a retry: refused, naming the first submission.
+    other = client.post(url, json={"config": {"batch_size": 64}}, headers={**student, "Idempotency-Key": "k-1"})
+    assert other.status_code == 409 and str(first.json()["id"]) in other.json()["detail"]
+    # A new key is a new submission; the quota still counts every one of them.
+    assert client.post(url, json=body, headers={**student, "Idempotency-Key": "k-2"}).status_code == 201
+    assert client.post(url, json=body, headers={**student, "Idempotency-Key": "k-3"}).status_code == 429
+    assert client.post(url, json=body, headers={**student, "Idempotency-Key": "k 4"}).status_code == 422
