@@ -81,6 +81,30 @@ def json_echo(value: Any) -> Any:
     return str(value)
 
 
+def _query_names(dependant) -> frozenset[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return frozenset(names)
+
+
+def reject_unknown_query(request: Request) -> None:
+    """A route that takes query parameters refuses ones it does not know, as bodies refuse unknown fields:
+    `?competiton=x` (a typo) would otherwise be ignored and answer as if no filter had been asked for."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    known = _query_names(dependant)
+    if not known:  # takes no query at all: nothing a typo could be mistaken for
+        return
+    unknown = [k for k in request.query_params if k not in known]
+    if unknown:
+        raise RequestValidationError([
+            {"type": "extra_forbidden", "loc": ("query", k), "msg": f"unknown query parameter; this route takes "
+             f"{', '.join(sorted(known))}", "input": request.query_params.get(k)} for k in unknown])
+
+
 async def validation_error_handler(_request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = []
     for e in exc.errors():

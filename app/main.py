@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import IntegrityError
 
@@ -15,7 +15,7 @@ from app.competitions.router import router as competitions_router
 from app.config import get_settings
 from app.db import session_scope
 from app.errors import DomainError
-from app.http import BodySizeLimit, domain_error_handler, validation_error_handler
+from app.http import BodySizeLimit, domain_error_handler, reject_unknown_query, validation_error_handler
 from app.leaderboard.router import router as leaderboard_router
 from app.submissions.router import router as submissions_router
 
@@ -32,7 +32,7 @@ async def lifespan(_app: FastAPI):
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="hparena", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="hparena", version="0.1.0", lifespan=lifespan, dependencies=[Depends(reject_unknown_query)],
                   description="Hyperparameter-tuning competitions: submit a config, a GPU worker trains it, "
                               "the leaderboard ranks it.")
     for r in (competitions_router, submissions_router, leaderboard_router, auth_router, admin_router):

@@ -188,3 +188,14 @@ def test_nul_bytes_anywhere_are_a_4xx_not_a_database_error(client, admin_headers
     r = client.post(f"/api/competitions/{comp['slug']}/join", json={"name": "x\x00", "team": "y"})
     assert r.status_code == 422
     assert client.get("/api/submissions/1", headers={"Authorization": "Bearer a\x00b"}).status_code == 401
+
+
+def test_an_unknown_query_parameter_is_named_not_ignored(client, admin_headers):
+    org = make_organizer(client, admin_headers)
+    comp = make_competition(client, org)
+    student = join(client, comp["slug"])
+    # A typo'd filter would otherwise list every competition's submissions as if no filter were asked for.
+    r = client.get("/api/submissions", params={"competiton": comp["slug"]}, headers=student)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "competiton"] and "competition" in r.json()["detail"][0]["msg"]
+    assert client.get("/api/submissions", params={"competition": comp["slug"]}, headers=student).status_code == 200
