@@ -124,6 +124,16 @@ class EpochEvent(EpochRow):
         return EpochRow.model_validate(self.model_dump(exclude={"kind"}))
 
 
+class ResumeEvent(_Data):
+    """Right after setup, when a checkpoint was restored: training goes on after `epochs_done` epochs, and
+    `history` holds their rows (a caller that shows the curve shows them again)."""
+
+    kind: Literal["resume"] = "resume"
+    epochs_done: int
+    steps_done: int
+    history: list[EpochRow]
+
+
 class OomEvent(_Data):
     """A step ran out of device memory; it is redone with the micro-batch halved to this size."""
 
@@ -131,7 +141,7 @@ class OomEvent(_Data):
     micro_batch_size: int
 
 
-Event = SetupEvent | ProgressEvent | EpochEvent | OomEvent
+Event = SetupEvent | ResumeEvent | ProgressEvent | EpochEvent | OomEvent
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,7 +173,7 @@ class CompileInfo(_Data):
 
 class Timings(_Data):
     setup_seconds: float
-    train_seconds: float
+    train_seconds: float  # every epoch trained, including those an earlier attempt checkpointed
     eval_seconds: float  # per-epoch plus final evaluation
     epoch_eval_seconds: float
 
@@ -183,6 +193,14 @@ class Versions(_Data):
     cudnn: int | None
     python: str
     hparena: str  # the code's commit (see device.code_version)
+
+
+class Resumed(_Data):
+    """This run continued from a checkpoint of an earlier, interrupted attempt."""
+
+    epochs: int  # whole epochs the checkpoint held
+    steps: int
+    earlier_attempt_seconds: list[float]  # each earlier attempt's device-seconds, up to its last checkpoint
 
 
 class TestSplit(_Data):
@@ -225,7 +243,8 @@ class TrainResult(_Data):
     evaluated_weights: Literal["raw", "ema", "swa"] | None = None
     images_per_sec: float | None
     timings: Timings
-    device_seconds: float  # the device was held from setup to the last evaluation: what a run costs
+    device_seconds: float  # device held from setup to the last evaluation, all attempts: what the run cost
+    resumed: Resumed | None = None
     device: DeviceInfo
     peak_memory_bytes: int
     versions: Versions

@@ -15,12 +15,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from worker.engine import checkpoint
 from worker.engine.augment import augment_batch, mix_batch
 from worker.engine.config import RunSpec, TrainConfig
 from worker.engine.data import Dataset
@@ -48,6 +50,8 @@ from worker.engine.result import (
     OomEvent,
     Outcome,
     ProgressEvent,
+    Resumed,
+    ResumeEvent,
     SetupEvent,
     StopReason,
     StopRequested,
@@ -101,7 +105,9 @@ class _Setup:
     effective_batch: int
     steps_per_epoch: int
     check_every: int  # steps between looks at the loss and the clock
+    t_start: float
     setup_seconds: float
+    checkpoint_dir: Path | None  # where each whole epoch's state is saved, if anywhere
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -129,9 +135,13 @@ class _Progress:
     compile_seconds: float = 0.0
     last_loss: float = float("nan")
     history: list[EpochRow] = field(default_factory=list)
+    # Device-seconds of earlier attempts of this run, each up to its last checkpoint (empty: a first attempt).
+    earlier_attempt_seconds: list[float] = field(default_factory=list)
+    resumed_at: tuple[int, int] | None = None  # (epochs, steps) a checkpoint restored
 
 
-def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float) -> _Setup:
+def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float,
+           checkpoint_dir: Path | None) -> _Setup:
     cfg = spec.config
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -172,21 +182,28 @@ def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float) -
         steps_per_epoch=len(train_y) // effective_batch,  # drop the ragged last batch: every step the same shape
         # CUDA runs asynchronously: only look at loss and clock every few steps so the GPU never waits on us.
         check_every=1 if device.type == "cpu" else 10,
+        t_start=t_start,
         setup_seconds=time.perf_counter() - t_start,
+        checkpoint_dir=checkpoint_dir,
     )
 
 
 def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
-          on_event: Callable[[Event], None] | None = None) -> TrainResult:
+          on_event: Callable[[Event], None] | None = None, checkpoint_dir: str | Path | None = None) -> TrainResult:
+    """With `checkpoint_dir`, every whole epoch's state is saved there, and a checkpoint already there for
+    this spec is resumed from (see worker.engine.checkpoint); the caller removes it once the run is over."""
     emit = on_event or (lambda _e: None)
     t_start = time.perf_counter()
-    s = _setup(spec, data, resolve_device(device), t_start)
+    s = _setup(spec, data, resolve_device(device), t_start, Path(checkpoint_dir) if checkpoint_dir else None)
     p = _Progress(micro=s.cfg.batch_size, first_bad=torch.tensor(-1, device=s.device))
+    _restore(s, p, checkpoint.load(s.checkpoint_dir, spec.identity()))
     try:
         # Inside the try: a callback may already ask to stop on the setup event (a run cancelled while queued).
         emit(SetupEvent(device=str(s.device), precision=s.precision, total_steps=s.total_steps, epochs=s.epochs,
                         steps_per_epoch=s.steps_per_epoch, setup_seconds=s.setup_seconds))
-        for epoch in range(s.epochs):
+        if p.resumed_at is not None:
+            emit(ResumeEvent(epochs_done=p.epochs_done, steps_done=p.step, history=p.history))
+        for epoch in range(p.epochs_done, s.epochs):
             _train_epoch(s, p, epoch, data, emit)
             if p.stop_reason != StopReason.completed:
                 break
@@ -323,12 +340,61 @@ def _train_epoch(s: _Setup, p: _Progress, epoch: int, data: Dataset, emit: Calla
                        partial=partial, lr=s.optimizer.param_groups[0]["lr"], seconds=p.train_seconds,
                        images_per_sec=images_per_sec, test_accuracy=test_accuracy)
     p.history.append(event.row())
+    if s.checkpoint_dir is not None and not partial:
+        _save_checkpoint(s, p)
     emit(event)
 
 
 def _predict(s: _Setup, model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     return predict_logits(model, x, EVAL_BATCH, device=s.device, mean=s.mean, std=s.std, tta=tta,
                           autocast_dtype=s.amp_dtype, channels_last=s.channels_last)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(s: _Setup, p: _Progress) -> None:
+    checkpoint.save(s.checkpoint_dir, {
+        "identity": s.spec.identity(),
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+        "ema": None if s.ema is None else {"module": s.ema.module.state_dict(), "updates": s.ema.updates},
+        "swa": None if s.swa is None else s.swa.state_dict(),
+        "gen": s.gen.get_state(), "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
+        "progress": {"step": p.step, "images_seen": p.images_seen, "epochs_done": p.epochs_done,
+                     "train_seconds": p.train_seconds, "epoch_eval_seconds": p.epoch_eval_seconds,
+                     "compile_seconds": p.compile_seconds, "last_loss": p.last_loss, "micro": p.micro,
+                     "history": [row.model_dump() for row in p.history]},
+        "attempt_seconds": [*p.earlier_attempt_seconds, time.perf_counter() - s.t_start],
+    })
+
+
+def _restore(s: _Setup, p: _Progress, state: dict | None) -> None:
+    """Put a checkpoint's state into the freshly set-up run: tensors are copied in place, so the EMA's and
+    the optimizer's references to the model's tensors stay valid."""
+    if state is None:
+        return
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scaler.load_state_dict(state["scaler"])
+    if s.ema is not None:
+        s.ema.module.load_state_dict(state["ema"]["module"])
+        s.ema.updates = state["ema"]["updates"]
+    if s.swa is not None:
+        s.swa.load_state_dict(state["swa"])
+    s.gen.set_state(state["gen"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and s.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], s.device)
+    saved = state["progress"]
+    for name in ("step", "images_seen", "epochs_done", "train_seconds", "epoch_eval_seconds", "compile_seconds",
+                 "last_loss", "micro"):
+        setattr(p, name, saved[name])
+    p.history = [EpochRow.model_validate(row) for row in saved["history"]]
+    p.earlier_attempt_seconds = list(state["attempt_seconds"])
+    p.resumed_at = (p.epochs_done, p.step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,8 +430,11 @@ def _final_result(s: _Setup, p: _Progress, data: Dataset, t_start: float) -> Tra
         images_per_sec=p.images_seen / p.train_seconds if p.train_seconds else None,
         timings=Timings(setup_seconds=s.setup_seconds, train_seconds=p.train_seconds, eval_seconds=eval_seconds,
                         epoch_eval_seconds=p.epoch_eval_seconds),
-        # The device was held from setup to the last evaluation: that is what a run costs.
-        device_seconds=time.perf_counter() - t_start,
+        # The device was held from setup to the last evaluation, in this attempt and (up to their last
+        # checkpoints) in the earlier ones this run resumed from: that is what the run cost.
+        device_seconds=sum(p.earlier_attempt_seconds) + time.perf_counter() - t_start,
+        resumed=None if p.resumed_at is None else Resumed(
+            epochs=p.resumed_at[0], steps=p.resumed_at[1], earlier_attempt_seconds=p.earlier_attempt_seconds),
         device=device_info(s.device),
         peak_memory_bytes=peak_memory(s.device),
         versions=versions(),
