@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     allow_download: bool = True
     # "auto" picks cuda when present; a worker may be pinned to "cpu" or "cuda:1".
     device: str = "auto"
+    # Each running run saves its state here after every epoch; a retried attempt (its worker was lost)
+    # resumes from it. Workers on several nodes need it on storage they share (compose: a volume).
+    checkpoint_dir: Path | None = None
 
     # Request bodies over this many bytes are refused with 413 before they are read (the largest real
     # body, a competition with a full search space, is a few KiB).
@@ -58,6 +61,8 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.var_dir / 'hparena.db'}"
         if self.data_dir is None:
             self.data_dir = self.var_dir / "data"
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = self.var_dir / "checkpoints"
         if self.dataset_path is None and SHARED_CIFAR10.exists():
             self.dataset_path = SHARED_CIFAR10
         if self.environment == "production":

@@ -60,13 +60,16 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     out: Annotated[Path, typer.Option(help="Where to write the result JSON")] = Path("result.json"),
     epochs: Annotated[int | None, typer.Option(help="Override config.epochs (and the budget cap)")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(
+        help="Save each epoch's state here and resume from it when run again (removed once finished)")] = None,
 ) -> None:
     """Train one config with the same engine the workers use; writes the same result JSON they store."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from app.config import get_settings
+    from worker.engine import checkpoint
     from worker.engine.data import DatasetError, load_dataset
-    from worker.engine.result import EngineError, EpochEvent, Event, Outcome, ProgressEvent, SetupEvent
+    from worker.engine.result import EngineError, EpochEvent, Event, Outcome, ProgressEvent, ResumeEvent, SetupEvent
     from worker.engine.train import train as run_engine
 
     spec = load_run_spec(config, data, epochs)
@@ -87,7 +90,10 @@ def train(
         bar = progress.add_task("setup", total=None, loss=float("nan"), acc="-", ips=0.0)
 
         def on_event(e: Event) -> None:
-            if isinstance(e, SetupEvent):
+            if isinstance(e, ResumeEvent):
+                progress.console.print(f"resumed from {checkpoint_dir}: {e.epochs_done} epoch(s) already trained")
+                progress.update(bar, completed=e.steps_done)
+            elif isinstance(e, SetupEvent):
                 progress.update(bar, description=f"train on {e.device} ({e.precision})", total=e.total_steps)
             elif isinstance(e, ProgressEvent):
                 progress.update(bar, completed=e.step, loss=e.loss, ips=e.images_per_sec)
@@ -99,11 +105,13 @@ def train(
                                        f"public acc {acc}, {e.images_per_sec:.0f} img/s")
 
         try:
-            result = run_engine(spec, dataset, device, on_event)
+            result = run_engine(spec, dataset, device, on_event, checkpoint_dir=checkpoint_dir)
         except EngineError as e:
             console.print(f"[red]training failed:[/red] {e}")
             raise typer.Exit(1) from None
     out.write_text(json.dumps(result.to_json(), indent=2, allow_nan=False))
+    if checkpoint_dir is not None:
+        checkpoint.remove(checkpoint_dir)
     _print_summary(result)
     console.print(f"Result written to {out}")
     if result.status != Outcome.succeeded:

@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -31,7 +32,16 @@ from app.submissions import runs
 from app.submissions.models import RunStatus
 from worker.celery_app import celery
 from worker.engine.config import DataSpec
-from worker.engine.result import EngineError, EpochEvent, Event, Outcome, ProgressEvent, StopRequested, TrainResult
+from worker.engine.result import (
+    EngineError,
+    EpochEvent,
+    Event,
+    Outcome,
+    ProgressEvent,
+    ResumeEvent,
+    StopRequested,
+    TrainResult,
+)
 
 log = logging.getLogger("hparena.worker")
 
@@ -48,6 +58,15 @@ def _cached_dataset(spec_json: str):
     s = get_settings()
     return load_dataset(DataSpec.model_validate_json(spec_json), s.data_dir, download=s.allow_download,
                         default_path=s.dataset_path)
+
+
+def _drop_checkpoint(directory: Path) -> None:
+    from worker.engine import checkpoint  # torch: imported in the child only
+
+    try:
+        checkpoint.remove(directory)
+    except OSError:  # a leftover file costs disk, not correctness: the next run of this id checks identity
+        log.exception("could not remove the checkpoint %s", directory)
 
 
 def result_columns(result: TrainResult) -> dict[str, Any]:
@@ -174,6 +193,7 @@ def train_run(self, run_id: int) -> str:
     if not self.request.is_eager:  # in a pool child, not in a caller's process (tests, `apply`)
         _die_loudly_on_native_crashes()
     hb = _Heartbeat(claim, settings.heartbeat_seconds)
+    ckpt = settings.checkpoint_dir / f"run-{run_id}"  # shared by every attempt of this run
     t0 = time.perf_counter()
     try:
         # ---- prepare ------------------------------------------------------------------------------------
@@ -190,7 +210,11 @@ def train_run(self, run_id: int) -> str:
         data = _dataset(claim.spec.data)
 
         def on_event(event: Event) -> None:
-            if isinstance(event, ProgressEvent):
+            if isinstance(event, ResumeEvent):  # the claim cleared the curve; the checkpoint's epochs stand
+                with session_scope() as s:
+                    for row in event.history:
+                        runs.record_epoch(s, claim, row, row.epoch / row.epochs)
+            elif isinstance(event, ProgressEvent):
                 hb.progress = event.fraction
             elif isinstance(event, EpochEvent):
                 hb.progress = event.fraction
@@ -200,16 +224,21 @@ def train_run(self, run_id: int) -> str:
                 raise StopRequested
 
         # ---- run ------------------------------------------------------------------------------------------
-        result = train(claim.spec, data, device, on_event)
+        result = train(claim.spec, data, device, on_event, checkpoint_dir=ckpt)
 
         # ---- report ---------------------------------------------------------------------------------------
         if result.status == Outcome.cancelled:
             # The participant's cancel (or the attempt that superseded this one) already wrote the run's
-            # state; this worker writes nothing more.
+            # state; this worker writes nothing more. A superseding attempt may be resuming from the
+            # checkpoint: only a cancelled run's is dropped.
+            if hb.stopped_because == RunStatus.cancelled:
+                _drop_checkpoint(ckpt)
             return hb.stopped_because
         with session_scope() as s:
             not_ours = runs.finish(s, claim, RunStatus(result.status.value), **result_columns(result),
                                    wall_seconds=time.perf_counter() - t0)
+        if not_ours != runs.SUPERSEDED:
+            _drop_checkpoint(ckpt)  # the run is over: nothing will resume it
         return not_ours or result.status.value
     except Exception as exc:
         # Every failure leaves the run saying why.
@@ -221,7 +250,9 @@ def train_run(self, run_id: int) -> str:
                                        wall_seconds=time.perf_counter() - t0)
         except Exception:
             log.exception("could not record the failure of run %s", run_id)
-            raise
+            raise  # the run stays running; the sweep requeues it, and the retry resumes from the checkpoint
+        if not_ours != runs.SUPERSEDED:
+            _drop_checkpoint(ckpt)
         return not_ours or "failed"
     finally:
         # ---- clean up -------------------------------------------------------------------------------------

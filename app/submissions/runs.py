@@ -17,7 +17,7 @@ from app.db import utcnow
 from app.submissions.models import TERMINAL, TRANSITIONS, EpochMetric, Run, RunLogits, RunStatus
 from app.submissions.service import lock_submission, refresh_submission
 from worker.engine.config import RunSpec
-from worker.engine.result import EpochEvent
+from worker.engine.result import EpochRow
 
 SUPERSEDED = "superseded"  # what a fenced-out worker hears: another attempt owns the run now
 
@@ -126,7 +126,7 @@ def _as_seen_by(session: Session, c: Claimed) -> str:
     return status if attempts == c.attempt else SUPERSEDED
 
 
-def record_epoch(session: Session, c: Claimed, row: EpochEvent, progress: float) -> None:
+def record_epoch(session: Session, c: Claimed, row: EpochRow, progress: float) -> None:
     """One row per epoch, written as it happens; a retried attempt overwrites its predecessor's rows."""
     if session.scalar(select(Run.attempts).where(_fenced(c))) is None:
         return

@@ -64,3 +64,30 @@ def test_missing_dataset_is_a_clear_error(cli_env):
     r = runner.invoke(cli, ["train", str(cfg), "--data", str(cli_env / "nowhere")])
     assert r.exit_code == 2
     assert "does not exist" in " ".join(r.output.split())
+
+
+@pytest.mark.slow
+def test_train_resumes_from_a_checkpoint_dir(cli_env, tiny_cifar):
+    from worker.cli import load_run_spec
+    from worker.engine.data import load_dataset
+    from worker.engine.result import EpochEvent
+    from worker.engine.train import train
+
+    cfg = cli_env / "my.yaml"
+    cfg.write_text("model: {width: 8}\nbudget: {max_epochs: 2}\nconfig: {lr: 0.05, batch_size: 32, epochs: 2}\n")
+    ckpt = cli_env / "ckpt"
+    spec = load_run_spec(cfg, str(tiny_cifar), None)
+
+    def interrupted(e):
+        if isinstance(e, EpochEvent) and e.epoch == 1:
+            raise KeyboardInterrupt  # the student pressed Ctrl-C after the first epoch
+
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, load_dataset(spec.data, cli_env / "cache"), "cpu", interrupted, checkpoint_dir=ckpt)
+    out = cli_env / "result.json"
+    r = runner.invoke(cli, ["train", str(cfg), "--data", str(tiny_cifar), "--device", "cpu", "--out", str(out),
+                            "--checkpoint-dir", str(ckpt)])
+    assert r.exit_code == 0, r.output
+    assert "1 epoch(s) already trained" in r.output and "epoch 2/2" in r.output
+    assert json.loads(out.read_text())["resumed"]["epochs"] == 1
+    assert not ckpt.exists()

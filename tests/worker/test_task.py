@@ -301,3 +301,40 @@ def test_the_worker_trains_the_spec_stored_at_submission(client, db, contest):
     run = client.get(f"/api/submissions/{sub['id']}", headers=student).json()["runs"][0]
     assert RunSpec.model_validate(run["result"]["spec"]) == stored
     assert run["result"]["epochs_completed"] == 2
+
+
+def test_a_retried_attempt_resumes_from_the_checkpoint_of_the_lost_one(client, db, contest):
+    """The first attempt's process died after epoch 1 (its checkpoint on disk, the run still running with
+    a stale heartbeat); the redelivered message's attempt resumes there and ends as a run never stopped."""
+    from app.config import get_settings
+    from worker.engine.data import load_dataset
+    from worker.engine.result import EpochEvent
+    from worker.engine.train import train
+
+    comp, student = contest(max_epochs=2, deterministic=True)
+    lost, fresh = (_submit(client, comp, student, batch_size=32, lr=0.05) for _ in range(2))
+    (lost_id,), (fresh_id,) = _run_ids(db, lost["id"]), _run_ids(db, fresh["id"])
+    settings = get_settings()
+    ckpt = settings.checkpoint_dir / f"run-{lost_id}"
+    spec = db.get(Run, lost_id).spec
+    data = load_dataset(spec.data, settings.data_dir, download=False, default_path=settings.dataset_path)
+
+    def die_after_epoch_1(e):
+        if isinstance(e, EpochEvent) and e.epoch == 1:
+            raise SystemExit  # stands in for the process dying: nothing after the checkpoint runs
+
+    with pytest.raises(SystemExit):
+        train(spec, data, "cpu", die_after_epoch_1, checkpoint_dir=ckpt)
+    _orphan(lost_id, attempts=1, host="lost-node")
+
+    assert _apply(lost_id) == "succeeded" and _apply(fresh_id) == "succeeded"
+    runs = {r["id"]: r for s in (lost, fresh)
+            for r in client.get(f"/api/submissions/{s['id']}", headers=student).json()["runs"]}
+    resumed, whole = runs[lost_id], runs[fresh_id]
+    assert resumed["attempts"] == 2 and resumed["result"]["resumed"]["epochs"] == 1
+    assert whole["result"]["resumed"] is None
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]  # the checkpoint's epoch is shown again
+    assert resumed["accuracy"] == whole["accuracy"]
+    assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
+    assert resumed["gpu_seconds"] > resumed["result"]["resumed"]["earlier_attempt_seconds"][0]
+    assert not ckpt.exists()  # the run is over: its checkpoint is gone
