@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # Each running run saves its state here after every epoch; a retried attempt (its worker was lost)
     # resumes from it. Workers on several nodes need it on storage they share (compose: a volume).
     checkpoint_dir: Path | None = None
+    # At most one checkpoint per this many seconds (a full-width ResNet18's state is ~180 MB to write); the
+    # last epoch is always saved. A lost worker costs at most this much training, plus one epoch.
+    checkpoint_seconds: float = 60.0
 
     # Request bodies over this many bytes are refused with 413 before they are read (the largest real
     # body, a competition with a full search space, is a few KiB).

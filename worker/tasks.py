@@ -224,7 +224,8 @@ def train_run(self, run_id: int) -> str:
                 raise StopRequested
 
         # ---- run ------------------------------------------------------------------------------------------
-        result = train(claim.spec, data, device, on_event, checkpoint_dir=ckpt)
+        result = train(claim.spec, data, device, on_event, checkpoint_dir=ckpt,
+                       checkpoint_every_seconds=settings.checkpoint_seconds)
 
         # ---- report ---------------------------------------------------------------------------------------
         if result.status == Outcome.cancelled:

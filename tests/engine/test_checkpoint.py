@@ -81,6 +81,18 @@ def test_a_run_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path):
     assert whole.resumed is None
 
 
+def test_checkpoints_are_spaced_by_the_interval_and_resume_from_the_last_one(tmp_path):
+    data = _data()
+    with pytest.raises(_Crash):  # a long interval: only the first epoch was saved before epoch 3 crashed
+        train(_spec(), data, "cpu", _crash_after(3), checkpoint_dir=tmp_path, checkpoint_every_seconds=1e9)
+    resumed = train(_spec(), data, "cpu", checkpoint_dir=tmp_path, checkpoint_every_seconds=1e9)
+    assert resumed.resumed is not None and resumed.resumed.epochs == 1
+    assert _fingerprint(resumed) == _fingerprint(train(_spec(), data, "cpu"))
+    # The last epoch is always saved, whatever the interval: a retry after it goes straight to evaluation.
+    again = train(_spec(), data, "cpu", checkpoint_dir=tmp_path, checkpoint_every_seconds=1e9)
+    assert again.resumed is not None and again.resumed.epochs == 4 and again.steps_completed == 16
+
+
 def test_a_checkpoint_of_another_spec_is_never_loaded(tmp_path):
     data = _data()
     with pytest.raises(_Crash):

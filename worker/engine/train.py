@@ -107,7 +107,8 @@ class _Setup:
     check_every: int  # steps between looks at the loss and the clock
     t_start: float
     setup_seconds: float
-    checkpoint_dir: Path | None  # where each whole epoch's state is saved, if anywhere
+    checkpoint_dir: Path | None  # where whole epochs' state is saved, if anywhere
+    checkpoint_every: float  # seconds at least between two checkpoints (0: after every epoch)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -138,10 +139,11 @@ class _Progress:
     # Device-seconds of earlier attempts of this run, each up to its last checkpoint (empty: a first attempt).
     earlier_attempt_seconds: list[float] = field(default_factory=list)
     resumed_at: tuple[int, int] | None = None  # (epochs, steps) a checkpoint restored
+    checkpointed_at: float = float("-inf")  # perf_counter of the last checkpoint this attempt saved
 
 
 def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float,
-           checkpoint_dir: Path | None) -> _Setup:
+           checkpoint_dir: Path | None, checkpoint_every: float) -> _Setup:
     cfg = spec.config
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -185,16 +187,21 @@ def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float,
         t_start=t_start,
         setup_seconds=time.perf_counter() - t_start,
         checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
     )
 
 
 def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
-          on_event: Callable[[Event], None] | None = None, checkpoint_dir: str | Path | None = None) -> TrainResult:
-    """With `checkpoint_dir`, every whole epoch's state is saved there, and a checkpoint already there for
-    this spec is resumed from (see worker.engine.checkpoint); the caller removes it once the run is over."""
+          on_event: Callable[[Event], None] | None = None, checkpoint_dir: str | Path | None = None,
+          checkpoint_every_seconds: float = 0.0) -> TrainResult:
+    """With `checkpoint_dir`, the state after a whole epoch is saved there (after every epoch, or after the
+    first epoch to end `checkpoint_every_seconds` or more since the last save, and always after the last),
+    and a checkpoint already there for this spec is resumed from (see worker.engine.checkpoint). The caller
+    removes it once the run is over."""
     emit = on_event or (lambda _e: None)
     t_start = time.perf_counter()
-    s = _setup(spec, data, resolve_device(device), t_start, Path(checkpoint_dir) if checkpoint_dir else None)
+    s = _setup(spec, data, resolve_device(device), t_start, Path(checkpoint_dir) if checkpoint_dir else None,
+               checkpoint_every_seconds)
     p = _Progress(micro=s.cfg.batch_size, first_bad=torch.tensor(-1, device=s.device))
     _restore(s, p, checkpoint.load(s.checkpoint_dir, spec.identity()))
     try:
@@ -340,8 +347,10 @@ def _train_epoch(s: _Setup, p: _Progress, epoch: int, data: Dataset, emit: Calla
                        partial=partial, lr=s.optimizer.param_groups[0]["lr"], seconds=p.train_seconds,
                        images_per_sec=images_per_sec, test_accuracy=test_accuracy)
     p.history.append(event.row())
-    if s.checkpoint_dir is not None and not partial:
+    if s.checkpoint_dir is not None and not partial and (
+            time.perf_counter() - p.checkpointed_at >= s.checkpoint_every or p.epochs_done == s.epochs):
         _save_checkpoint(s, p)
+        p.checkpointed_at = time.perf_counter()
     emit(event)
 
 
