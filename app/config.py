@@ -32,8 +32,8 @@ class Settings(BaseSettings):
     allow_download: bool = True
     # "auto" picks cuda when present; a worker may be pinned to "cpu" or "cuda:1".
     device: str = "auto"
-    # Each running run saves its state here after every epoch; a retried attempt (its worker was lost)
-    # resumes from it. Workers on several nodes need it on storage they share (compose: a volume).
+    # Each running run saves its state here after an epoch (see checkpoint_seconds); a retried attempt
+    # (its worker was lost) resumes from it. Workers on several nodes need it on storage they share (compose: a volume).
     checkpoint_dir: Path | None = None
     # At most one checkpoint per this many seconds (a full-width ResNet18's state is ~180 MB to write); the
     # last epoch is always saved. A lost worker costs at most this much training, plus one epoch.

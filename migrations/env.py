@@ -51,10 +51,10 @@ def _run_sqlite(conn) -> None:
     conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
     try:
         _run(conn)
-        conn.commit()
         broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-        if broken:
+        if broken:  # rolled back below: the database stays as it was
             raise RuntimeError(f"migration left rows pointing at missing rows: {broken[:5]}")
+        conn.commit()
     finally:
         conn.rollback()
         conn.exec_driver_sql("PRAGMA foreign_keys=ON")

@@ -8,6 +8,7 @@ inside the forked child, so the driver is never initialised before a fork.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
@@ -16,7 +17,7 @@ from app.admin.service import remove_node, upsert_node
 from app.config import get_settings
 from app.db import dispose_after_fork, enqueue_after_commit, session_scope
 from app.queue import get_celery, send_train
-from app.submissions.runs import requeue_stale
+from app.submissions.runs import finished_checkpoints, requeue_stale
 
 celery = get_celery()
 celery.conf.include = ["worker.tasks"]
@@ -53,6 +54,9 @@ def _announce(sender, **_):
                                                        max_attempts=settings.max_attempts):
                         log.warning("run %s lost its worker; requeued on %s", run_id, queue)
                         enqueue_after_commit(s, lambda r=run_id, q=queue: send_train(r, q))
+                    finished = finished_checkpoints(s, settings.checkpoint_dir)
+                for path in finished:  # runs that ended without a worker to clean up after them
+                    shutil.rmtree(path, ignore_errors=True)
             except Exception:  # the database may be briefly unavailable; try again next beat
                 log.exception("fleet heartbeat failed")
             _stop.wait(settings.sweep_seconds)

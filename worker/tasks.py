@@ -193,7 +193,7 @@ def train_run(self, run_id: int) -> str:
     if not self.request.is_eager:  # in a pool child, not in a caller's process (tests, `apply`)
         _die_loudly_on_native_crashes()
     hb = _Heartbeat(claim, settings.heartbeat_seconds)
-    ckpt = settings.checkpoint_dir / f"run-{run_id}"  # shared by every attempt of this run
+    ckpt = runs.checkpoint_dir(settings.checkpoint_dir, run_id)  # shared by every attempt of this run
     t0 = time.perf_counter()
     try:
         # ---- prepare ------------------------------------------------------------------------------------
@@ -213,7 +213,8 @@ def train_run(self, run_id: int) -> str:
             if isinstance(event, ResumeEvent):  # the claim cleared the curve; the checkpoint's epochs stand
                 with session_scope() as s:
                     for row in event.history:
-                        runs.record_epoch(s, claim, row, row.epoch / row.epochs)
+                        hb.progress = row.epoch / row.epochs
+                        runs.record_epoch(s, claim, row, hb.progress)
             elif isinstance(event, ProgressEvent):
                 hb.progress = event.fraction
             elif isinstance(event, EpochEvent):

@@ -10,7 +10,8 @@ from app.db import Base, UTCDateTime, utcnow
 
 
 class AuditEvent(Base):
-    """One admin or organizer action (and any change to a token), kept for admins to review."""
+    """One admin or organizer action, or a token rotated or revoked through the API, kept for admins to
+    review. (The bootstrap admin's token follows HPARENA_ADMIN_TOKEN at every start, unaudited.)"""
 
     __tablename__ = "audit_event"
 

@@ -6,8 +6,10 @@ presumed dead (stale heartbeat) and replaced can no longer change the run.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, delete, insert, or_, select, update
@@ -208,6 +210,23 @@ def give_up(session: Session, run: Run, guard: ColumnElement[bool]) -> bool:
     if won:
         refresh_submission(session, run.submission_id)
     return bool(won)
+
+
+def checkpoint_dir(root: Path, run_id: int) -> Path:
+    """Where every attempt of a run saves and finds its checkpoint (worker.engine.checkpoint)."""
+    return root / f"run-{run_id}"
+
+
+def finished_checkpoints(session: Session, root: Path) -> list[Path]:
+    """Checkpoint directories under `root` that nothing will resume: their run is over (also when it ended
+    without a worker: cancelled while queued, given up by the sweep) or unknown to this database."""
+    found = {int(m.group(1)): d for d in (root.glob("run-*") if root.is_dir() else ())
+             if (m := re.fullmatch(r"run-(\d+)", d.name)) and d.is_dir()}
+    if not found:
+        return []
+    live = set(session.scalars(select(Run.id).where(
+        Run.id.in_(found), Run.status.in_([RunStatus.queued, RunStatus.running]))))
+    return [d for run_id, d in sorted(found.items()) if run_id not in live]
 
 
 def record_lost_child(session: Session, run_id: int, hostname: str, reason: str) -> bool:

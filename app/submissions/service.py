@@ -59,7 +59,8 @@ def run_spec(comp: Competition, cfg: TrainConfig, seed: int) -> RunSpec:
 
 
 def lock_team(session: Session, team_id: int) -> None:
-    """Serialise a team's concurrent submissions (PostgreSQL row lock; SQLite serialises writers anyway)."""
+    """Serialise a team's concurrent submissions on PostgreSQL (a row lock held to commit). SQLite has no
+    row locks: there two parallel submissions of one team can both read the quota before either writes."""
     session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
 
 
@@ -86,7 +87,10 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
     session.add(sub)
     try:
         session.flush()
-    except IntegrityError:  # the same key in a request running at this very moment (SQLite: no row lock)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        # The same key in a request running at this very moment (SQLite has no row lock to wait on).
         raise Conflict(f"a submission with Idempotency-Key {idempotency_key!r} is being made right now; "
                        "retry to get it") from None
     queue = get_settings().queue_for(comp.hardware_class)

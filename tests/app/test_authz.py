@@ -1,7 +1,9 @@
 """The authorisation matrix: every route x six roles, each cell the status it must answer.
 
-A route added without its row fails `test_every_route_has_a_row`. Each cell runs against a fresh world, so
-a cell that changes state (a cancel, a token rotation) can't change the answer of the next one.
+A route added without its row fails `test_every_route_has_a_row`. Each cell runs against a fresh world
+(competitions, teams, a submission, users), so a cell that changes state (a cancel, a token rotation) can't
+change the answer of the next one. The bootstrap admin is the one account all worlds share: its cells come
+last in ROLES, and the app restores its token at the next test's start-up.
 """
 
 from __future__ import annotations

@@ -130,3 +130,41 @@ def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):
     assert resumed.resumed is not None and resumed.resumed.epochs == 3
     assert _fingerprint(resumed) == _fingerprint(train(_spec(), data, "cpu"))
     assert json.dumps(resumed.to_json(), allow_nan=False)
+
+
+def _edit(directory: Path, **changes) -> None:
+    state = torch.load(directory / checkpoint.FILE, weights_only=True)
+    for key, value in changes.items():
+        if key in state["progress"]:
+            state["progress"][key] = value
+        else:
+            state[key] = value
+    torch.save(state, directory / checkpoint.FILE)
+
+
+def test_a_checkpoint_saved_in_another_setting_is_ignored(tmp_path):
+    """Same spec, but saved by other code (or on another kind of device, or where `auto` resolved to another
+    precision): its state may not fit this run, so the run starts over instead of failing on it."""
+    data = _data()
+    with pytest.raises(_Crash):
+        train(_spec(), data, "cpu", _crash_after(2), checkpoint_dir=tmp_path)
+    _edit(tmp_path, setting={"device": "cuda", "precision": "fp16", "code": "0000000"})
+    fresh = train(_spec(), data, "cpu", checkpoint_dir=tmp_path)
+    assert fresh.resumed is None and fresh.epochs_completed == 4
+
+
+def test_a_run_stopped_by_its_time_budget_is_not_trained_further_on_resume(tmp_path):
+    data = _data()
+    with pytest.raises(_Crash):
+        train(_spec(), data, "cpu", _crash_after(2), checkpoint_dir=tmp_path)
+    _edit(tmp_path, stop_reason="time_budget")  # as if the budget ran out exactly at the end of epoch 2
+    r = train(_spec(), data, "cpu", checkpoint_dir=tmp_path)
+    assert (r.stop_reason, r.epochs_completed, r.steps_completed, len(r.history)) == ("time_budget", 2, 8, 2)
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_fail_the_run(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = train(_spec(), _data(), "cpu", checkpoint_dir=blocker / "ckpt")  # mkdir fails: NotADirectoryError
+    assert r.status == "succeeded" and r.epochs_completed == 4
+    assert "checkpoint not saved" in caplog.text

@@ -338,3 +338,18 @@ def test_a_retried_attempt_resumes_from_the_checkpoint_of_the_lost_one(client, d
     assert [e["train_loss"] for e in resumed["epochs"]] == [e["train_loss"] for e in whole["epochs"]]
     assert resumed["gpu_seconds"] > resumed["result"]["resumed"]["earlier_attempt_seconds"][0]
     assert not ckpt.exists()  # the run is over: its checkpoint is gone
+
+
+def test_checkpoints_of_finished_or_unknown_runs_are_found_for_removal(client, db, contest, tmp_path):
+    comp, student = contest()
+    done, queued = (_submit(client, comp, student, batch_size=32, epochs=1) for _ in range(2))
+    (done_id,), (queued_id,) = _run_ids(db, done["id"]), _run_ids(db, queued["id"])
+    with session_scope() as s:  # ended without a worker: cancelled while it waited for a retry
+        s.execute(update(Run).where(Run.id == done_id).values(status="cancelled"))
+    dirs = [run_service.checkpoint_dir(tmp_path, i) for i in (done_id, queued_id, 10**6)]
+    for d in dirs:
+        d.mkdir()
+    (tmp_path / "run-notes").mkdir()  # not a run's directory: never touched
+    with session_scope() as s:
+        assert run_service.finished_checkpoints(s, tmp_path) == [dirs[0], dirs[2]]
+        assert run_service.finished_checkpoints(s, tmp_path / "missing") == []

@@ -6,9 +6,11 @@ epoch boundary is the one place where nothing else is in flight (no half-drawn p
 loss sum), so a resumed run continues exactly where the interrupted one stood: with `deterministic` set it
 ends bit for bit equal to a run that was never interrupted.
 
-A checkpoint names the spec it belongs to (RunSpec.identity): a directory holding another spec's state is
-ignored, never loaded into the wrong run. Files are written whole or not at all (temporary file, fsync,
-rename), so a process killed while saving leaves the previous checkpoint in place.
+A checkpoint names the spec it belongs to (RunSpec.identity) and the setting it was saved in (device type,
+resolved precision, code version): one for another spec, or saved on another kind of device or by other
+code, is ignored and the run starts over; it is never loaded into a run it doesn't fit. Files are written
+whole or not at all (temporary file, fsync, rename), so a process killed while saving leaves the previous
+checkpoint in place.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ def save(directory: str | Path, state: dict[str, Any]) -> Path:
     return target
 
 
-def load(directory: str | Path | None, identity: str) -> dict[str, Any] | None:
-    """The checkpoint in `directory` if there is one for the spec with this identity, else None."""
+def load(directory: str | Path | None, identity: str, setting: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint in `directory` if there is one for the spec with this identity, saved in the same
+    setting (device type, resolved precision, code version: what decides the shape of the saved state),
+    else None. A run that can't resume starts over; it never fails on a checkpoint."""
     if directory is None:
         return None
     path = Path(directory) / FILE
@@ -50,17 +54,20 @@ def load(directory: str | Path | None, identity: str) -> dict[str, Any] | None:
         return None
     # weights_only: a checkpoint is data (tensors, numbers, lists, dicts), never code to unpickle.
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != FORMAT or state.get("identity") != identity:
+    if state.get("format") != FORMAT or state.get("identity") != identity or state.get("setting") != setting:
         return None
     return state
 
 
 def remove(directory: str | Path | None) -> None:
-    """Drop a finished run's checkpoint (the directory too, once empty)."""
+    """Drop a finished run's checkpoint and any temporary file a kill mid-save left (the directory too,
+    once empty; anything else in it is not ours and stays)."""
     if directory is None:
         return
     directory = Path(directory)
     (directory / FILE).unlink(missing_ok=True)
+    for tmp in directory.glob(".checkpoint-*.tmp"):
+        tmp.unlink(missing_ok=True)
     try:
         directory.rmdir()
     except OSError:  # not empty (a stray temporary file) or already gone

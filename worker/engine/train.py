@@ -4,14 +4,15 @@ Read top to bottom: setup (precision, data on the device, model, optimizer), the
 micro-batching), the epoch (budget, divergence, EMA/SWA, per-epoch evaluation) and the final evaluation
 (TTA, public/private halves, calibration, logits). No database, no Celery.
 
-`on_event` receives the typed events of `worker.engine.result`: one SetupEvent, ProgressEvents about ten
-times an epoch, an EpochEvent after each epoch, and an OomEvent whenever a step is redone with a smaller
-micro-batch. It may raise `StopRequested` to cancel; the engine then returns a result with status
-"cancelled".
+`on_event` receives the typed events of `worker.engine.result`: one SetupEvent, a ResumeEvent when a
+checkpoint was restored, ProgressEvents about ten times an epoch, an EpochEvent after each epoch, and an
+OomEvent whenever a step is redone with a smaller micro-batch. It may raise `StopRequested` to cancel;
+the engine then returns a result with status "cancelled".
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from worker.engine.augment import augment_batch, mix_batch
 from worker.engine.config import RunSpec, TrainConfig
 from worker.engine.data import Dataset
 from worker.engine.device import (
+    code_version,
     device_info,
     peak_memory,
     resolve_device,
@@ -64,6 +66,7 @@ from worker.engine.schedule import lr_factor
 __all__ = ["EngineError", "Event", "StopRequested", "TrainResult", "channel_stats", "train"]
 
 EVAL_BATCH = 1024
+log = logging.getLogger("hparena.engine")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,7 +206,7 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     s = _setup(spec, data, resolve_device(device), t_start, Path(checkpoint_dir) if checkpoint_dir else None,
                checkpoint_every_seconds)
     p = _Progress(micro=s.cfg.batch_size, first_bad=torch.tensor(-1, device=s.device))
-    _restore(s, p, checkpoint.load(s.checkpoint_dir, spec.identity()))
+    _restore(s, p, checkpoint.load(s.checkpoint_dir, spec.identity(), _setting(s)))
     try:
         # Inside the try: a callback may already ask to stop on the setup event (a run cancelled while queued).
         emit(SetupEvent(device=str(s.device), precision=s.precision, total_steps=s.total_steps, epochs=s.epochs,
@@ -211,9 +214,9 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
         if p.resumed_at is not None:
             emit(ResumeEvent(epochs_done=p.epochs_done, steps_done=p.step, history=p.history))
         for epoch in range(p.epochs_done, s.epochs):
-            _train_epoch(s, p, epoch, data, emit)
-            if p.stop_reason != StopReason.completed:
+            if p.stop_reason != StopReason.completed:  # also a checkpoint saved as the time budget ran out
                 break
+            _train_epoch(s, p, epoch, data, emit)
     except StopRequested:
         p.stop_reason = StopReason.cancelled
     return _final_result(s, p, data, t_start)
@@ -296,9 +299,9 @@ def _run_steps(s: _Setup, p: _Progress, epoch: int, t_epoch: float, emit: Callab
             s.ema.update()
         p.step += 1
         p.images_seen += s.effective_batch
-        if p.step == 1 and cfg.compile:
+        if cfg.compile and p.step == (p.resumed_at[1] if p.resumed_at else 0) + 1:  # this attempt compiles
             _sync(s.device)
-            p.compile_seconds = time.perf_counter() - t_step
+            p.compile_seconds += time.perf_counter() - t_step
         if p.step % s.check_every == 0 or i == s.steps_per_epoch - 1:
             _sync(s.device)  # the clock below must include the queued GPU work
             bad = int(p.first_bad)
@@ -364,9 +367,22 @@ def _predict(s: _Setup, model: nn.Module, x: torch.Tensor, tta: str) -> torch.Te
 # ----------------------------------------------------------------------------------------------------
 
 
+def _setting(s: _Setup) -> dict[str, str]:
+    return {"device": s.device.type, "precision": s.precision, "code": code_version()}
+
+
 def _save_checkpoint(s: _Setup, p: _Progress) -> None:
+    """Save the state after a whole epoch. A checkpoint only saves work: if it can't be written (a full or
+    unreachable disk), training goes on without it."""
+    try:
+        _write_checkpoint(s, p)
+    except OSError as e:
+        log.warning("checkpoint not saved in %s: %s; training goes on", s.checkpoint_dir, e)
+
+
+def _write_checkpoint(s: _Setup, p: _Progress) -> None:
     checkpoint.save(s.checkpoint_dir, {
-        "identity": s.spec.identity(),
+        "identity": s.spec.identity(), "setting": _setting(s),
         "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
         "ema": None if s.ema is None else {"module": s.ema.module.state_dict(), "updates": s.ema.updates},
         "swa": None if s.swa is None else s.swa.state_dict(),
@@ -375,7 +391,7 @@ def _save_checkpoint(s: _Setup, p: _Progress) -> None:
         "progress": {"step": p.step, "images_seen": p.images_seen, "epochs_done": p.epochs_done,
                      "train_seconds": p.train_seconds, "epoch_eval_seconds": p.epoch_eval_seconds,
                      "compile_seconds": p.compile_seconds, "last_loss": p.last_loss, "micro": p.micro,
-                     "history": [row.model_dump() for row in p.history]},
+                     "stop_reason": p.stop_reason.value, "history": [row.model_dump() for row in p.history]},
         "attempt_seconds": [*p.earlier_attempt_seconds, time.perf_counter() - s.t_start],
     })
 
@@ -401,6 +417,7 @@ def _restore(s: _Setup, p: _Progress, state: dict | None) -> None:
     for name in ("step", "images_seen", "epochs_done", "train_seconds", "epoch_eval_seconds", "compile_seconds",
                  "last_loss", "micro"):
         setattr(p, name, saved[name])
+    p.stop_reason = StopReason(saved["stop_reason"])
     p.history = [EpochRow.model_validate(row) for row in saved["history"]]
     p.earlier_attempt_seconds = list(state["attempt_seconds"])
     p.resumed_at = (p.epochs_done, p.step)
