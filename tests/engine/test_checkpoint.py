@@ -151,6 +151,8 @@ def test_a_checkpoint_saved_in_another_setting_is_ignored(tmp_path):
     _edit(tmp_path, setting={"device": "cuda", "precision": "fp16", "code": "0000000"})
     fresh = train(_spec(), data, "cpu", checkpoint_dir=tmp_path)
     assert fresh.resumed is None and fresh.epochs_completed == 4
+    (tmp_path / checkpoint.FILE).write_bytes(b"truncated")  # not even a checkpoint: also a fresh start
+    assert train(_spec(), data, "cpu", checkpoint_dir=tmp_path).resumed is None
 
 
 def test_a_run_stopped_by_its_time_budget_is_not_trained_further_on_resume(tmp_path):

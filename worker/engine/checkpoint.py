@@ -15,13 +15,20 @@ checkpoint in place.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from worker.engine.device import code_version
+from worker.engine.result import EpochRow, StopReason
+from worker.engine.state import Progress, Setup
+
+log = logging.getLogger("hparena.engine")
 FILE = "checkpoint.pt"
 FORMAT = 1
 
@@ -52,8 +59,14 @@ def load(directory: str | Path | None, identity: str, setting: dict[str, Any]) -
     path = Path(directory) / FILE
     if not path.is_file():
         return None
-    # weights_only: a checkpoint is data (tensors, numbers, lists, dicts), never code to unpickle.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, lists, dicts), never code to unpickle.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated by a copy that wasn't ours, unreadable, not a checkpoint at all
+        log.warning("ignoring the unreadable checkpoint %s: %s", path, e)
+        return None
+    if not isinstance(state, dict):
+        return None
     if state.get("format") != FORMAT or state.get("identity") != identity or state.get("setting") != setting:
         return None
     return state
@@ -72,3 +85,66 @@ def remove(directory: str | Path | None) -> None:
         directory.rmdir()
     except OSError:  # not empty (a stray temporary file) or already gone
         pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# A training run's state (worker.engine.state)
+# ----------------------------------------------------------------------------------------------------
+
+
+
+
+def setting_of(s: Setup) -> dict[str, str]:
+    return {"device": s.device.type, "precision": s.precision, "code": code_version()}
+
+
+def save_run(s: Setup, p: Progress) -> None:
+    """Save the state after a whole epoch. A checkpoint only saves work: if it can't be written (a full or
+    unreachable disk), training goes on without it."""
+    try:
+        _write(s, p)
+    except OSError as e:
+        log.warning("checkpoint not saved in %s: %s; training goes on", s.checkpoint_dir, e)
+
+
+def _write(s: Setup, p: Progress) -> None:
+    save(s.checkpoint_dir, {
+        "identity": s.spec.identity(), "setting": setting_of(s),
+        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
+        "ema": None if s.ema is None else {"module": s.ema.module.state_dict(), "updates": s.ema.updates},
+        "swa": None if s.swa is None else s.swa.state_dict(),
+        "gen": s.gen.get_state(), "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
+        "progress": {"step": p.step, "images_seen": p.images_seen, "epochs_done": p.epochs_done,
+                     "train_seconds": p.train_seconds, "epoch_eval_seconds": p.epoch_eval_seconds,
+                     "compile_seconds": p.compile_seconds, "last_loss": p.last_loss, "micro": p.micro,
+                     "stop_reason": p.stop_reason.value, "history": [row.model_dump() for row in p.history]},
+        "attempt_seconds": [*p.earlier_attempt_seconds, time.perf_counter() - s.t_start],
+    })
+
+
+def restore_run(s: Setup, p: Progress, state: dict | None) -> None:
+    """Put a checkpoint's state into the freshly set-up run: tensors are copied in place, so the EMA's and
+    the optimizer's references to the model's tensors stay valid."""
+    if state is None:
+        return
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scaler.load_state_dict(state["scaler"])
+    if s.ema is not None:
+        s.ema.module.load_state_dict(state["ema"]["module"])
+        s.ema.updates = state["ema"]["updates"]
+    if s.swa is not None:
+        s.swa.load_state_dict(state["swa"])
+    s.gen.set_state(state["gen"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and s.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], s.device)
+    saved = state["progress"]
+    for name in ("step", "images_seen", "epochs_done", "train_seconds", "epoch_eval_seconds", "compile_seconds",
+                 "last_loss", "micro"):
+        setattr(p, name, saved[name])
+    p.stop_reason = StopReason(saved["stop_reason"])
+    p.history = [EpochRow.model_validate(row) for row in saved["history"]]
+    p.earlier_attempt_seconds = list(state["attempt_seconds"])
+    p.resumed_at = (p.epochs_done, p.step)

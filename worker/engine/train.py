@@ -12,10 +12,8 @@ the engine then returns a result with status "cancelled".
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,10 +23,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from worker.engine import checkpoint
 from worker.engine.augment import augment_batch, mix_batch
-from worker.engine.config import RunSpec, TrainConfig
+from worker.engine.config import RunSpec
 from worker.engine.data import Dataset
 from worker.engine.device import (
-    code_version,
     device_info,
     peak_memory,
     resolve_device,
@@ -46,7 +43,6 @@ from worker.engine.result import (
     DatasetInfo,
     EngineError,
     EpochEvent,
-    EpochRow,
     Event,
     Metrics,
     OomEvent,
@@ -62,11 +58,11 @@ from worker.engine.result import (
     TrainResult,
 )
 from worker.engine.schedule import lr_factor
+from worker.engine.state import Progress, Setup
 
 __all__ = ["EngineError", "Event", "StopRequested", "TrainResult", "channel_stats", "train"]
 
 EVAL_BATCH = 1024
-log = logging.getLogger("hparena.engine")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,73 +76,8 @@ def channel_stats(x: torch.Tensor, sample: int = 5000) -> tuple[list[float], lis
     return xs.mean(dim=(0, 2, 3)).tolist(), xs.std(dim=(0, 2, 3)).tolist()
 
 
-@dataclass
-class _Setup:
-    """Everything the loop needs, built once before the first step."""
-
-    spec: RunSpec
-    cfg: TrainConfig
-    device: torch.device
-    precision: str
-    amp_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-    train_x: torch.Tensor  # uint8, on the device
-    train_y: torch.Tensor
-    mean: list[float]
-    std: list[float]
-    public_idx: torch.Tensor
-    private_idx: torch.Tensor
-    model: nn.Module
-    step_model: nn.Module  # the model, or its torch.compile wrapper
-    channels_last: bool
-    memory_format_note: str | None
-    optimizer: torch.optim.Optimizer
-    ema: EMA | None
-    swa: AveragedModel | None
-    gen: torch.Generator  # data order and augmentation
-    epochs: int
-    effective_batch: int
-    steps_per_epoch: int
-    check_every: int  # steps between looks at the loss and the clock
-    t_start: float
-    setup_seconds: float
-    checkpoint_dir: Path | None  # where whole epochs' state is saved, if anywhere
-    checkpoint_every: float  # seconds at least between two checkpoints (0: after every epoch)
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-
-@dataclass
-class _Progress:
-    """What the loop has done so far; the final result is built from it."""
-
-    micro: int  # micro-batch size, halved on out-of-memory
-    first_bad: torch.Tensor  # the first non-finite step (1-based) on the device, -1 while none
-    step: int = 0
-    images_seen: int = 0
-    epochs_done: int = 0  # whole epochs
-    stop_reason: StopReason = StopReason.completed
-    diverged_step: int | None = None
-    diverged_epoch: int | None = None
-    train_seconds: float = 0.0
-    epoch_eval_seconds: float = 0.0
-    compile_seconds: float = 0.0
-    last_loss: float = float("nan")
-    history: list[EpochRow] = field(default_factory=list)
-    # Device-seconds of earlier attempts of this run, each up to its last checkpoint (empty: a first attempt).
-    earlier_attempt_seconds: list[float] = field(default_factory=list)
-    resumed_at: tuple[int, int] | None = None  # (epochs, steps) a checkpoint restored
-    checkpointed_at: float = float("-inf")  # perf_counter of the last checkpoint this attempt saved
-
-
 def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float,
-           checkpoint_dir: Path | None, checkpoint_every: float) -> _Setup:
+           checkpoint_dir: Path | None, checkpoint_every: float) -> Setup:
     cfg = spec.config
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -175,7 +106,7 @@ def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float,
     if effective_batch > len(train_y):
         raise EngineError(f"batch_size*grad_accum_steps={effective_batch} exceeds the {len(train_y)} training "
                           "images")
-    return _Setup(
+    return Setup(
         spec=spec, cfg=cfg, device=device, precision=precision, amp_dtype=amp_dtype, scaler=scaler,
         train_x=train_x, train_y=train_y, mean=mean, std=std, public_idx=public_idx, private_idx=private_idx,
         model=model, step_model=step_model, channels_last=channels_last, memory_format_note=memory_format_note,
@@ -205,8 +136,8 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
     t_start = time.perf_counter()
     s = _setup(spec, data, resolve_device(device), t_start, Path(checkpoint_dir) if checkpoint_dir else None,
                checkpoint_every_seconds)
-    p = _Progress(micro=s.cfg.batch_size, first_bad=torch.tensor(-1, device=s.device))
-    _restore(s, p, checkpoint.load(s.checkpoint_dir, spec.identity(), _setting(s)))
+    p = Progress(micro=s.cfg.batch_size, first_bad=torch.tensor(-1, device=s.device))
+    checkpoint.restore_run(s, p, checkpoint.load(s.checkpoint_dir, spec.identity(), checkpoint.setting_of(s)))
     try:
         # Inside the try: a callback may already ask to stop on the setup event (a run cancelled while queued).
         emit(SetupEvent(device=str(s.device), precision=s.precision, total_steps=s.total_steps, epochs=s.epochs,
@@ -234,7 +165,7 @@ def _loss(out: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, lam: float, smo
     return loss
 
 
-def _train_step(s: _Setup, p: _Progress, idx: torch.Tensor, emit: Callable[[Event], None]) -> torch.Tensor:
+def _train_step(s: Setup, p: Progress, idx: torch.Tensor, emit: Callable[[Event], None]) -> torch.Tensor:
     """Forward/backward over `idx` in micro-batches of `p.micro`; on OOM halve `p.micro` and redo."""
     cfg, device, optimizer, scaler = s.cfg, s.device, s.optimizer, s.scaler
     # index_select, not train_x[idx]: advanced indexing of a uint8 tensor is ~25x slower on CPU.
@@ -281,7 +212,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _run_steps(s: _Setup, p: _Progress, epoch: int, t_epoch: float, emit: Callable[[Event], None]
+def _run_steps(s: Setup, p: Progress, epoch: int, t_epoch: float, emit: Callable[[Event], None]
                ) -> torch.Tensor:
     """The epoch's steps, until its end, divergence or the time budget; returns the summed loss."""
     cfg, budget = s.cfg, s.spec.budget
@@ -322,7 +253,7 @@ def _run_steps(s: _Setup, p: _Progress, epoch: int, t_epoch: float, emit: Callab
     return loss_sum
 
 
-def _train_epoch(s: _Setup, p: _Progress, epoch: int, data: Dataset, emit: Callable[[Event], None]) -> None:
+def _train_epoch(s: Setup, p: Progress, epoch: int, data: Dataset, emit: Callable[[Event], None]) -> None:
     s.model.train()
     t_epoch = time.perf_counter()
     loss_sum = _run_steps(s, p, epoch, t_epoch, emit)
@@ -352,75 +283,14 @@ def _train_epoch(s: _Setup, p: _Progress, epoch: int, data: Dataset, emit: Calla
     p.history.append(event.row())
     if s.checkpoint_dir is not None and not partial and (
             time.perf_counter() - p.checkpointed_at >= s.checkpoint_every or p.epochs_done == s.epochs):
-        _save_checkpoint(s, p)
+        checkpoint.save_run(s, p)
         p.checkpointed_at = time.perf_counter()
     emit(event)
 
 
-def _predict(s: _Setup, model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+def _predict(s: Setup, model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
     return predict_logits(model, x, EVAL_BATCH, device=s.device, mean=s.mean, std=s.std, tta=tta,
                           autocast_dtype=s.amp_dtype, channels_last=s.channels_last)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------
-
-
-def _setting(s: _Setup) -> dict[str, str]:
-    return {"device": s.device.type, "precision": s.precision, "code": code_version()}
-
-
-def _save_checkpoint(s: _Setup, p: _Progress) -> None:
-    """Save the state after a whole epoch. A checkpoint only saves work: if it can't be written (a full or
-    unreachable disk), training goes on without it."""
-    try:
-        _write_checkpoint(s, p)
-    except OSError as e:
-        log.warning("checkpoint not saved in %s: %s; training goes on", s.checkpoint_dir, e)
-
-
-def _write_checkpoint(s: _Setup, p: _Progress) -> None:
-    checkpoint.save(s.checkpoint_dir, {
-        "identity": s.spec.identity(), "setting": _setting(s),
-        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "scaler": s.scaler.state_dict(),
-        "ema": None if s.ema is None else {"module": s.ema.module.state_dict(), "updates": s.ema.updates},
-        "swa": None if s.swa is None else s.swa.state_dict(),
-        "gen": s.gen.get_state(), "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None,
-        "progress": {"step": p.step, "images_seen": p.images_seen, "epochs_done": p.epochs_done,
-                     "train_seconds": p.train_seconds, "epoch_eval_seconds": p.epoch_eval_seconds,
-                     "compile_seconds": p.compile_seconds, "last_loss": p.last_loss, "micro": p.micro,
-                     "stop_reason": p.stop_reason.value, "history": [row.model_dump() for row in p.history]},
-        "attempt_seconds": [*p.earlier_attempt_seconds, time.perf_counter() - s.t_start],
-    })
-
-
-def _restore(s: _Setup, p: _Progress, state: dict | None) -> None:
-    """Put a checkpoint's state into the freshly set-up run: tensors are copied in place, so the EMA's and
-    the optimizer's references to the model's tensors stay valid."""
-    if state is None:
-        return
-    s.model.load_state_dict(state["model"])
-    s.optimizer.load_state_dict(state["optimizer"])
-    s.scaler.load_state_dict(state["scaler"])
-    if s.ema is not None:
-        s.ema.module.load_state_dict(state["ema"]["module"])
-        s.ema.updates = state["ema"]["updates"]
-    if s.swa is not None:
-        s.swa.load_state_dict(state["swa"])
-    s.gen.set_state(state["gen"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] is not None and s.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], s.device)
-    saved = state["progress"]
-    for name in ("step", "images_seen", "epochs_done", "train_seconds", "epoch_eval_seconds", "compile_seconds",
-                 "last_loss", "micro"):
-        setattr(p, name, saved[name])
-    p.stop_reason = StopReason(saved["stop_reason"])
-    p.history = [EpochRow.model_validate(row) for row in saved["history"]]
-    p.earlier_attempt_seconds = list(state["attempt_seconds"])
-    p.resumed_at = (p.epochs_done, p.step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,7 +298,7 @@ def _restore(s: _Setup, p: _Progress, state: dict | None) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _final_result(s: _Setup, p: _Progress, data: Dataset, t_start: float) -> TrainResult:
+def _final_result(s: Setup, p: Progress, data: Dataset, t_start: float) -> TrainResult:
     t_eval = time.perf_counter()
     status = p.stop_reason.outcome
     metrics = logits16 = None
