@@ -9,15 +9,13 @@ ends bit for bit equal to a run that was never interrupted.
 A checkpoint names the spec it belongs to (RunSpec.identity) and the setting it was saved in (device type,
 resolved precision, code version): one for another spec, or saved on another kind of device or by other
 code, is ignored and the run starts over; it is never loaded into a run it doesn't fit. Files are written
-whole or not at all (temporary file, fsync, rename), so a process killed while saving leaves the previous
-checkpoint in place.
+whole or not at all (packing.atomic_save), so a process killed while saving leaves the previous checkpoint
+in place.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 
 from worker.engine.device import code_version
+from worker.engine.packing import atomic_save
 from worker.engine.result import EpochRow, StopReason
 from worker.engine.state import Progress, Setup
 
@@ -37,16 +36,7 @@ def save(directory: str | Path, state: dict[str, Any]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save({"format": FORMAT, **state}, target)
     return target
 
 
@@ -79,7 +69,7 @@ def remove(directory: str | Path | None) -> None:
         return
     directory = Path(directory)
     (directory / FILE).unlink(missing_ok=True)
-    for tmp in directory.glob(".checkpoint-*.tmp"):
+    for tmp in directory.glob(f".{FILE}.*.tmp"):
         tmp.unlink(missing_ok=True)
     try:
         directory.rmdir()

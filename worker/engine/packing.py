@@ -63,7 +63,7 @@ def pack_source(path: str | Path, image_size: int, cache_dir: str | Path) -> Pat
         "classes": list(classes), "content_hash": content_hash, "image_size": int(image_size),
         "source": str(path),
     }
-    _atomic_save(payload, target)
+    atomic_save(payload, target)
     log.info("packed %d + %d images from %s in %.1fs", len(train_y), len(test_y), path,
              time.perf_counter() - t0)
     return target
@@ -133,7 +133,7 @@ def _memoised_hash(root: Path, files: list[str], cache_dir: Path) -> str:
         h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "little"))
         h.update(data)
     digest = h.hexdigest()
-    _atomic_write(memo, lambda f: f.write(digest.encode()))
+    atomic_write(memo, lambda f: f.write(digest.encode()))
     return digest
 
 
@@ -142,7 +142,9 @@ def _memoised_hash(root: Path, files: list[str], cache_dir: Path) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(target: Path, write: Callable) -> None:
+def atomic_write(target: Path, write: Callable) -> None:
+    """Write `target` whole or not at all: a temporary file beside it (`.<name>.*.tmp`), fsync, rename. A
+    process killed mid-write leaves the previous file in place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -155,5 +157,5 @@ def _atomic_write(target: Path, write: Callable) -> None:
         raise
 
 
-def _atomic_save(payload: dict, target: Path) -> None:
-    _atomic_write(target, lambda f: torch.save(payload, f))
+def atomic_save(payload: dict, target: Path) -> None:
+    atomic_write(target, lambda f: torch.save(payload, f))
