@@ -81,6 +81,7 @@ def test_a_run_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path):
     assert whole.resumed is None
 
 
+@pytest.mark.slow
 def test_checkpoints_are_spaced_by_the_interval_and_resume_from_the_last_one(tmp_path):
     data = _data()
     with pytest.raises(_Crash):  # a long interval: only the first epoch was saved before epoch 3 crashed
@@ -93,6 +94,7 @@ def test_checkpoints_are_spaced_by_the_interval_and_resume_from_the_last_one(tmp
     assert again.resumed is not None and again.resumed.epochs == 4 and again.steps_completed == 16
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_spec_is_never_loaded(tmp_path):
     data = _data()
     with pytest.raises(_Crash):
@@ -142,6 +144,7 @@ def _edit(directory: Path, **changes) -> None:
     torch.save(state, directory / checkpoint.FILE)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_saved_in_another_setting_is_ignored(tmp_path):
     """Same spec, but saved by other code (or on another kind of device, or where `auto` resolved to another
     precision): its state may not fit this run, so the run starts over instead of failing on it."""
@@ -155,6 +158,7 @@ def test_a_checkpoint_saved_in_another_setting_is_ignored(tmp_path):
     assert train(_spec(), data, "cpu", checkpoint_dir=tmp_path).resumed is None
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_its_time_budget_is_not_trained_further_on_resume(tmp_path):
     data = _data()
     with pytest.raises(_Crash):
@@ -164,6 +168,7 @@ def test_a_run_stopped_by_its_time_budget_is_not_trained_further_on_resume(tmp_p
     assert (r.stop_reason, r.epochs_completed, r.steps_completed, len(r.history)) == ("time_budget", 2, 8, 2)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_does_not_fail_the_run(tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
