@@ -96,8 +96,7 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
         presumed_dead = run.heartbeat_at is not None and (run.heartbeat_at < stale
                                                           or run.worker_hostname == hostname)
         if run.status == RunStatus.running and run.attempts >= max_attempts and presumed_dead:
-            guard = (Run.id == run.id) & (Run.status == RunStatus.running) & (Run.attempts == run.attempts)
-            if give_up(session, run, guard):
+            if give_up(session, run, _owned(run.id, run.attempts)):
                 session.refresh(run)
                 return GaveUp(run.error or "")
         if run.status == RunStatus.running:
@@ -110,7 +109,12 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
 
 
 def _fenced(claim_: Claimed) -> ColumnElement[bool]:
-    return (Run.id == claim_.run_id) & (Run.attempts == claim_.attempt) & (Run.status == RunStatus.running)
+    return _owned(claim_.run_id, claim_.attempt)
+
+
+def _owned(run_id: int, attempt: int) -> ColumnElement[bool]:
+    """The run is still running in this attempt: the fence every write after a claim goes through."""
+    return (Run.id == run_id) & (Run.attempts == attempt) & (Run.status == RunStatus.running)
 
 
 def heartbeat(session: Session, c: Claimed, progress: float, device_name: str | None = None) -> str:
@@ -184,8 +188,7 @@ def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) ->
     requeued = []
     for run_id, submission_id, queue, attempts, host in candidates:
         lock_submission(session, submission_id)
-        guard = (Run.id == run_id) & (Run.status == RunStatus.running) & (Run.attempts == attempts) \
-            & (Run.heartbeat_at < stale)
+        guard = _owned(run_id, attempts) & (Run.heartbeat_at < stale)
         if attempts >= max_attempts:
             give_up(session, session.get(Run, run_id, populate_existing=True), guard)
             continue

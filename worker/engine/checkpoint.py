@@ -73,15 +73,13 @@ def remove(directory: str | Path | None) -> None:
         tmp.unlink(missing_ok=True)
     try:
         directory.rmdir()
-    except OSError:  # not empty (a stray temporary file) or already gone
+    except OSError:  # holds files that are not ours, or is already gone
         pass
 
 
 # ----------------------------------------------------------------------------------------------------
 # A training run's state (worker.engine.state)
 # ----------------------------------------------------------------------------------------------------
-
-
 
 
 def setting_of(s: Setup) -> dict[str, str]:
