@@ -1,6 +1,6 @@
 """Every table, imported in one place so Alembic's autogenerate and `Base.metadata` see them all."""
 
-from app.admin.models import WorkerNode
+from app.admin.models import Deployment, RateWindow, WorkerNode
 from app.audit.models import AuditEvent
 from app.auth.models import Role, User
 from app.competitions.models import Competition, Membership, Team
@@ -8,6 +8,6 @@ from app.db import Base
 from app.submissions.models import EpochMetric, Run, RunLogits, RunStatus, Submission
 
 __all__ = [
-    "AuditEvent", "Base", "Competition", "EpochMetric", "Membership", "Role", "Run", "RunLogits", "RunStatus",
-    "Submission", "Team", "User", "WorkerNode",
+    "AuditEvent", "Base", "Competition", "Deployment", "EpochMetric", "Membership", "RateWindow", "Role", "Run",
+    "RunLogits", "RunStatus", "Submission", "Team", "User", "WorkerNode",
 ]
