@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     # body, a competition with a full search space, is a few KiB).
     max_body_bytes: int = 64 * 1024
 
+    # Submissions and joins per window, per bearer token and per client address (429 + Retry-After above).
+    # Behind a reverse proxy every client has the proxy's address: raise per_address, or run uvicorn with
+    # --proxy-headers so the client's own address is used.
+    rate_limit_enabled: bool = True
+    rate_limit_window_seconds: int = 60
+    rate_limit_per_token: int = 30
+    rate_limit_per_address: int = 120
+
     # A bootstrap admin, so a fresh install can create organizers. Production refuses the default.
     admin_token: str = DEFAULT_ADMIN_TOKEN
 
@@ -54,6 +62,8 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     # How often each worker's parent process reports to the fleet table and sweeps for stale runs.
     sweep_seconds: float = 15.0
+    # A worker that refuses another deployment's message waits this long before it goes back to the queue.
+    refuse_delay_seconds: float = 5.0
     # Redis redelivers unacked messages after this; it must exceed the longest training budget.
     visibility_timeout_seconds: int = 12 * 3600
 

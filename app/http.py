@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import Conflict, DomainError, Forbidden, NotFound, OutsideSearchSpace, QuotaExceeded, Unauthorized
+from app.ratelimit import RateLimited
 from worker.engine.config import Violation
 
 
@@ -47,7 +48,7 @@ _DESCRIPTIONS = {
     409: "Conflicts with the current state",
     413: "Request body over the size limit",
     422: "A field is invalid: `loc` names it, `msg` says the allowed values",
-    429: "Quota used; Retry-After says when a slot frees",
+    429: "Quota used or rate limit hit; Retry-After says in how many seconds to try again",
 }
 
 
@@ -128,6 +129,7 @@ STATUS_OF: dict[type[DomainError], int] = {
     Unauthorized: 401,
     Forbidden: 403,
     QuotaExceeded: 429,
+    RateLimited: 429,
     OutsideSearchSpace: 422,
 }
 
@@ -141,7 +143,7 @@ async def domain_error_handler(_request: Request, exc: DomainError) -> JSONRespo
     headers = {}
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(exc, QuotaExceeded) and exc.retry_after is not None:
+    if isinstance(exc, QuotaExceeded | RateLimited) and exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers or None)
 

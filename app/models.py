@@ -5,9 +5,10 @@ from app.audit.models import AuditEvent
 from app.auth.models import Role, User
 from app.competitions.models import Competition, Membership, Team
 from app.db import Base
+from app.leaderboard.models import TeamBest
 from app.submissions.models import EpochMetric, Run, RunLogits, RunStatus, Submission
 
 __all__ = [
     "AuditEvent", "Base", "Competition", "Deployment", "EpochMetric", "Membership", "RateWindow", "Role", "Run",
-    "RunLogits", "RunStatus", "Submission", "Team", "User", "WorkerNode",
+    "RunLogits", "RunStatus", "Submission", "Team", "TeamBest", "User", "WorkerNode",
 ]

@@ -58,7 +58,14 @@ def celery_config(settings: Settings) -> dict:
         "task_default_queue": settings.queue_for(settings.hardware_class),
         "task_queues": [Queue(settings.queue_for(settings.hardware_class))],
         "task_create_missing_queues": True,
+        # A publish to a broker that is down fails within about a second instead of holding the request:
+        # the run is committed as queued either way, and the reconciler (app.dispatch) sends its token later.
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                                      "interval_max": 0.5},
         "worker_send_task_events": False,
+        # A run keeps training when the broker connection drops: the database, not the broker, says whose
+        # run it is (Celery 6 would otherwise default to cancelling it).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
     }
 
@@ -74,15 +81,14 @@ def get_celery() -> Celery:
     return _celery_for(get_settings().broker_url)
 
 
-def send_train(run_id: int, queue: str) -> None:
-    get_celery().send_task(TRAIN_TASK, args=[run_id], queue=queue)
-
-
 def queue_depth(queue: str) -> int | None:
-    """Messages waiting in the broker for this queue (None if the broker can't say)."""
+    """Messages waiting in the broker for this queue, not counting those a worker holds (None: the broker
+    can't be reached). Declaring is idempotent; a passive declare would call an empty Redis queue (no key
+    at all, say after a restart) missing instead of empty."""
     try:
-        with get_celery().connection_for_write() as conn:
-            channel = conn.default_channel
-            return channel.queue_declare(queue=queue, passive=True).message_count
-    except Exception:  # a queue nobody declared yet, or a broker that is down
+        # One quick try: the admin view and the reconciler must not hang on a broker that is down.
+        with get_celery().connection_for_write(connect_timeout=1,
+                                               transport_options={"max_retries": 0}) as conn:
+            return conn.default_channel.queue_declare(queue=queue).message_count
+    except Exception:  # a broker that is down
         return None

@@ -117,12 +117,14 @@ def _empty_tables(url: str) -> None:
     from app.db import Base, get_engine
 
     engine = get_engine(url)
+    # The deployment's identity is made by the migrations, once per database, like the schema itself.
+    tables = [t for t in Base.metadata.sorted_tables if t.name != "deployment"]
     with engine.begin() as conn:
         if url.startswith("postgresql"):
-            names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+            names = ", ".join(f'"{t.name}"' for t in tables)
             conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
         else:
-            for t in reversed(Base.metadata.sorted_tables):
+            for t in reversed(tables):
                 conn.execute(t.delete())
 
 

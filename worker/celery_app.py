@@ -1,8 +1,10 @@
 """The Celery worker: `celery -A worker.celery_app worker -Q train.<hardware_class>`.
 
 The configuration is app.queue's (shared with the API, which only sends). This module adds the tasks
-and a fleet heartbeat from the parent process. The parent never touches CUDA: only the task does,
-inside the forked child, so the driver is never initialised before a fork.
+and a beat thread in the parent process: the fleet heartbeat, the stale-run sweep, the reconciler that
+keeps a token in the broker for every queued run (app.dispatch), and the checkpoint clean-up. The parent
+never touches CUDA: only the task does, inside the forked child, so the driver is never initialised
+before a fork.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from app.admin.service import remove_node, upsert_node
 from app.config import get_settings
-from app.db import dispose_after_fork, enqueue_after_commit, session_scope
-from app.queue import get_celery, send_train
+from app.db import dispose_after_fork, session_scope
+from app.dispatch import reconcile, wake_after_commit
+from app.queue import get_celery
 from app.submissions.runs import finished_checkpoints, requeue_stale
 
 celery = get_celery()
@@ -53,8 +56,11 @@ def _announce(sender, **_):
                     for run_id, queue in requeue_stale(s, stale_after=settings.stale_after_seconds,
                                                        max_attempts=settings.max_attempts):
                         log.warning("run %s lost its worker; requeued on %s", run_id, queue)
-                        enqueue_after_commit(s, lambda r=run_id, q=queue: send_train(r, q))
+                        wake_after_commit(s, queue, run_id)
                     finished = finished_checkpoints(s, settings.checkpoint_dir)
+                for queue in queues.split(","):  # a broker restarted empty, a publish lost: tokens again
+                    with session_scope() as s:
+                        reconcile(s, queue)
                 for path in finished:  # runs that ended without a worker to clean up after them
                     shutil.rmtree(path, ignore_errors=True)
             except Exception:  # the database may be briefly unavailable; try again next beat

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
+from celery.exceptions import Reject
 from celery.worker.request import Request
 from sqlalchemy.exc import OperationalError
 
 from app.admin.service import upsert_node
 from app.config import get_settings
 from app.db import session_scope
+from app.dispatch import deployment_uid
 from app.queue import TRAIN_TASK
 from app.submissions import runs
 from app.submissions.models import RunStatus
@@ -148,17 +150,17 @@ class TrainRequest(Request):
         exc = getattr(exc_info, "exception", None)
         exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback wraps what the pool saw
         cancelled = getattr(self, "_already_cancelled", False) or getattr(self, "_already_revoked", False)
-        if isinstance(exc, WorkerLostError | SystemExit) and self.args and not cancelled:
+        if isinstance(exc, WorkerLostError | SystemExit) and not cancelled:
             # A SIGSEGV/SIGABRT (a oneDNN or CUDA fault), or the kernel's OOM killer: the child can't
-            # report it, so the parent writes it on the run before the message is requeued. The retry
+            # report it, so the parent writes it on the run before the token is requeued. The retry
             # retakes the run; after the last attempt the run fails with this text as its reason.
             reason = lost_child_reason(str(exc), self.hostname)
             try:
                 with session_scope() as s:
-                    runs.record_lost_child(s, int(self.args[0]), self.hostname, reason)
+                    lost = runs.record_lost_child(s, self.hostname, reason)
+                log.error("run %s: %s", ",".join(map(str, lost)) or "(none claimed)", reason)
             except Exception:
-                log.exception("could not record the lost child of run %s", self.args[0])
-            log.error("run %s: %s", self.args[0], reason)
+                log.exception("could not record the lost child (%s)", reason)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
@@ -166,8 +168,26 @@ class TrainTask(celery.Task):
     Request = TrainRequest
 
 
+class WrongDeployment(Exception):
+    """A token from another deployment: this worker's database is not the one that queued the run."""
+
+
+def _refuse(hostname: str, queue: str, theirs: str, ours: str, delay: float) -> None:
+    problem = (f"refused a message from deployment {theirs}: this worker's database is deployment {ours}. "
+               "Point the worker at the database of the API that queues its runs (HPARENA_DATABASE_URL), "
+               "or give each deployment its own broker or hardware class.")
+    log.error("%s (%s)", problem, hostname)
+    try:
+        with session_scope() as s:
+            upsert_node(s, hostname, queue, problem=problem)
+    except Exception:
+        log.exception("could not record the refusal on the fleet table")
+    time.sleep(delay)  # the message goes back to the queue: don't take it again at once
+
+
 @celery.task(name=TRAIN_TASK, bind=True, base=TrainTask)
-def train_run(self, run_id: int) -> str:
+def train_run(self, deployment: str | None = None) -> str:
+    """One wake-up token (app.dispatch): claim the fairest queued run of this worker's queue and train it."""
     settings = get_settings()
     hostname = self.request.hostname or f"local@{socket.gethostname()}"
     delivery = self.request.delivery_info or {}
@@ -176,19 +196,25 @@ def train_run(self, run_id: int) -> str:
     # ---- claim ----------------------------------------------------------------------------------------
     try:
         with session_scope() as s:
-            claim = runs.claim(s, run_id, hostname, stale_after=settings.stale_after_seconds,
-                               max_attempts=settings.max_attempts)
-    except OperationalError as e:  # database briefly unreachable or locked: the message must not be lost
-        log.warning("run %s: database unavailable at claim (%s); retrying", run_id, e)
-        raise self.retry(countdown=10, max_retries=None) from e
-    if isinstance(claim, runs.Busy) and not self.request.is_eager:
-        # Keep the message alive: if that worker dies without a trace, this copy retakes the run once its
-        # heartbeat is stale; if it finishes, this copy finds the run done and goes away.
-        log.info("run %s: %s; checking again in %.0f s", run_id, claim, settings.stale_after_seconds)
-        raise self.retry(countdown=settings.stale_after_seconds + settings.heartbeat_seconds, max_retries=None)
+            ours = deployment_uid(s)
+            if deployment is not None and deployment != ours:
+                raise WrongDeployment(ours)
+            claim = runs.claim_next(s, queue, hostname, stale_after=settings.stale_after_seconds,
+                                    max_attempts=settings.max_attempts)
+    except WrongDeployment:
+        _refuse(hostname, queue, deployment, ours, settings.refuse_delay_seconds)
+        raise Reject(f"message of deployment {deployment}", requeue=True) from None
+    except OperationalError as e:
+        # The database is unreachable or locked. The token goes (a retry held by this worker would be one
+        # the reconciler can't see, and it would send another): once the database is back, the
+        # reconciler tops the broker up to one token per queued run again.
+        log.warning("database unavailable at claim (%s); dropping the token for the reconciler", e)
+        time.sleep(1)
+        return "skipped: database unavailable"
     if not isinstance(claim, runs.Claimed):
-        log.info("run %s not started: %s", run_id, claim)
+        log.info("token on %s: %s", queue, claim)
         return f"skipped: {claim}"
+    run_id = claim.run_id
 
     if not self.request.is_eager:  # in a pool child, not in a caller's process (tests, `apply`)
         _die_loudly_on_native_crashes()
@@ -204,7 +230,7 @@ def train_run(self, run_id: int) -> str:
         device = resolve_device(settings.device)
         hb.device_name = device_info(device).name
         with session_scope() as s:
-            upsert_node(s, hostname, queue, current_run_id=run_id, device_name=hb.device_name)
+            upsert_node(s, hostname, queue, current_run_id=run_id, device_name=hb.device_name, problem=None)
         hb.start()
         hb.beat()
         data = _dataset(claim.spec.data)

@@ -31,6 +31,10 @@ class WorkerOut(BaseModel):
     current_run_id: int | None
     started_at: datetime
     last_seen: datetime
+    problem: str | None = Field(description="Why this worker refuses work, in words (null: it doesn't). For "
+                                            "example a message from another deployment: the worker was "
+                                            "pointed at the wrong database, or shares another deployment's "
+                                            "broker.")
 
 
 class QueueOut(BaseModel):

@@ -43,6 +43,7 @@ def fleet(session: Session) -> dict:
             "hostname": n.hostname, "queues": n.queues.split(","), "device_name": n.device_name,
             "state": "offline" if now - last > ONLINE_WITHIN else ("busy" if n.current_run_id else "idle"),
             "current_run_id": n.current_run_id, "started_at": n.started_at, "last_seen": n.last_seen,
+            "problem": n.problem,
         })
     queued = dict(session.execute(
         select(Run.queue, func.count()).where(Run.status == RunStatus.queued).group_by(Run.queue)).all())

@@ -11,6 +11,7 @@ from app.competitions import service
 from app.competitions.schemas import CompetitionCreate, CompetitionOut, JoinOut, JoinRequest
 from app.errors import Unauthorized
 from app.http import BODY_ERRORS, error_responses
+from app.ratelimit import JoinLimit
 
 router = APIRouter(prefix="/api/competitions", tags=["competitions"])
 
@@ -32,10 +33,11 @@ def get_competition(slug: str, session: SessionDep):
 
 
 @router.post("/{slug}/join", response_model=JoinOut, status_code=status.HTTP_201_CREATED,
-             responses=error_responses(401, 403, 404, 409, *BODY_ERRORS))
+             responses=error_responses(401, 403, 404, 409, 429, *BODY_ERRORS))
 def join_competition(
     slug: str,
     data: JoinRequest,
+    _: JoinLimit,
     session: SessionDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))],
 ):

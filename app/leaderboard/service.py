@@ -2,46 +2,116 @@
 
 Order: accuracy (desc), then fewer GPU-seconds, then the earlier submission, then the lower id so the
 order is total and stable.
+
+The board ranks `team_best` (one row per team, leaderboard.models.TeamBest), not the submissions: a
+request sorts as many rows as there are teams. `note_submission` keeps that table right in the same
+transaction that changes a submission's status, so the board never shows a state the submissions don't.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Select, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app.competitions.models import Team
+from app.leaderboard.models import TeamBest
 from app.submissions.models import RunStatus, Submission
+
+_COLUMNS = ("competition_id", "team_id", "submission_id", "accuracy", "gpu_seconds", "submitted_at")
 
 
 def leaderboard(session: Session, competition_id: int) -> list[dict]:
-    order = (Submission.accuracy.desc(), Submission.gpu_seconds.asc(), Submission.created_at.asc(),
-             Submission.id.asc())
-    best = (
-        select(
-            Submission.id, Submission.team_id, Submission.accuracy, Submission.gpu_seconds,
-            Submission.created_at,
-            func.row_number().over(partition_by=Submission.team_id, order_by=order).label("nth"),
-        )
-        .where(Submission.competition_id == competition_id, Submission.status == RunStatus.succeeded)
-        .subquery()
-    )
-    counts = (
-        select(Submission.team_id, func.count(Submission.id).label("n"))
-        .where(Submission.competition_id == competition_id)
-        .group_by(Submission.team_id)
-        .subquery()
-    )
+    b = TeamBest
+    # Every submission counts, queued and failed ones too. count(*), not count(id): PostgreSQL then answers
+    # from ix_submission_team_id alone (an index-only scan) instead of visiting each submission's row.
+    submissions = select(func.count()).where(Submission.team_id == b.team_id).scalar_subquery()
     ranked = (
         select(
-            func.rank().over(order_by=(best.c.accuracy.desc(), best.c.gpu_seconds.asc(),
-                                       best.c.created_at.asc(), best.c.id.asc())).label("rank"),
-            Team.name.label("team"), best.c.team_id, best.c.id.label("submission_id"),
-            best.c.accuracy, (best.c.gpu_seconds / 3600.0).label("gpu_hours"),
-            counts.c.n.label("submissions"), best.c.created_at.label("best_at"),
+            func.rank().over(order_by=(b.accuracy.desc(), b.gpu_seconds.asc(), b.submitted_at.asc(),
+                                       b.submission_id.asc())).label("rank"),
+            Team.name.label("team"), b.team_id, b.submission_id, b.accuracy,
+            (b.gpu_seconds / 3600.0).label("gpu_hours"), submissions.label("submissions"),
+            b.submitted_at.label("best_at"),
         )
-        .join(Team, Team.id == best.c.team_id)
-        .join(counts, counts.c.team_id == best.c.team_id)
-        .where(best.c.nth == 1)
+        .join(Team, Team.id == b.team_id)
+        .where(b.competition_id == competition_id)
         .order_by("rank")
     )
-    return [dict(r._mapping) for r in session.execute(ranked)]
+    result = session.execute(ranked)
+    keys = list(result.keys())  # once: dict(row._mapping) rebuilds the keys for each of a thousand rows
+    return [dict(zip(keys, row, strict=True)) for row in result]
+
+
+def note_submission(session: Session, sub: Submission) -> None:
+    """Bring the team's best row up to date after `sub`'s status changed. Called by refresh_submission with
+    the submission row locked and its new status flushed, in the transaction that changed it."""
+    if sub.status != RunStatus.succeeded:
+        # Only a best submission that stopped succeeding matters, and that is not normally possible (a
+        # succeeded submission's runs are all over): one indexed look-up, no lock, for every other change.
+        if session.scalar(select(TeamBest.team_id).where(TeamBest.submission_id == sub.id)) is not None:
+            _set_best(session, sub, Submission.team_id == sub.team_id)
+        return
+    if _insert_if_absent(session, sub):
+        return
+    # Locked: two of a team's submissions finishing at once compare one after the other, the second against
+    # the first's outcome (PostgreSQL re-reads a row it waited for; _set_best updates it, never deletes and
+    # re-inserts it, so the waiter finds the new version).
+    best = session.scalar(select(TeamBest.submission_id).where(_of_team(sub)).with_for_update())
+    best_still_counts = best is not None and best != sub.id and session.scalar(
+        select(Submission.status).where(Submission.id == best)) == RunStatus.succeeded
+    if best_still_counts:
+        _set_best(session, sub, Submission.id.in_((best, sub.id)))
+    else:
+        # The best itself changed (not normally possible): look at all the team's submissions again.
+        _set_best(session, sub, Submission.team_id == sub.team_id)
+
+
+def rebuild_best(session: Session, competition_id: int) -> None:
+    """Rebuild a competition's team_best from its submissions, as migration 0006 backfilled it: for rows
+    written in bulk without refresh_submission (bench/api_load.py seeds 100,000 this way)."""
+    session.execute(delete(TeamBest).where(TeamBest.competition_id == competition_id))
+    session.execute(insert(TeamBest).from_select(
+        _COLUMNS, _best_per_team(Submission.competition_id == competition_id)))
+
+
+def _best_per_team(*where: ColumnElement[bool]) -> Select:
+    """Each team's best succeeded submission among those matching `where`, as team_best's columns."""
+    order = (Submission.accuracy.desc(), Submission.gpu_seconds.asc(), Submission.created_at.asc(),
+             Submission.id.asc())
+    ranked = (
+        select(Submission.competition_id, Submission.team_id, Submission.id.label("submission_id"),
+               Submission.accuracy, Submission.gpu_seconds, Submission.created_at.label("submitted_at"),
+               func.row_number().over(partition_by=Submission.team_id, order_by=order).label("nth"))
+        .where(Submission.status == RunStatus.succeeded, *where)
+        .subquery()
+    )
+    return select(*(ranked.c[c] for c in _COLUMNS)).where(ranked.c.nth == 1)
+
+
+def _of_team(sub: Submission) -> ColumnElement[bool]:
+    return (TeamBest.competition_id == sub.competition_id) & (TeamBest.team_id == sub.team_id)
+
+
+def _insert_if_absent(session: Session, sub: Submission) -> bool:
+    """The team's first succeeded submission is its best. ON CONFLICT: a concurrent first one waits for
+    this insert and then finds the row (a plain INSERT would fail the second worker's whole write)."""
+    dialect = session.get_bind().dialect.name
+    ins = (pg_insert if dialect == "postgresql" else sqlite_insert)(TeamBest).values(
+        competition_id=sub.competition_id, team_id=sub.team_id, submission_id=sub.id, accuracy=sub.accuracy,
+        gpu_seconds=sub.gpu_seconds, submitted_at=sub.created_at)
+    return session.execute(ins.on_conflict_do_nothing()).rowcount == 1
+
+
+def _set_best(session: Session, sub: Submission, scope: ColumnElement[bool]) -> None:
+    """Make the team's row the best of its submissions matching `scope`, ordered as the board orders them
+    (by the database, so NULL GPU-seconds sort where the board sorts them)."""
+    top = session.execute(_best_per_team(scope)).first()
+    if top is None:
+        session.execute(delete(TeamBest).where(_of_team(sub)))
+        return
+    values = top._asdict()
+    del values["competition_id"], values["team_id"]
+    session.execute(update(TeamBest).where(_of_team(sub)).values(**values)
+                    .execution_options(synchronize_session=False))

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.auth.dependencies import CurrentUser, SessionDep
 from app.competitions.service import get_competition, membership
 from app.http import BODY_ERRORS, error_responses
+from app.ratelimit import SubmitLimit
 from app.submissions import service
 from app.submissions.models import Submission
 from app.submissions.schemas import EpochOut, RunDetail, SubmissionCreate, SubmissionDetail, SubmissionOut
@@ -19,7 +20,8 @@ SubmissionId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 @router.post("/competitions/{slug}/submissions", response_model=SubmissionOut,
              status_code=status.HTTP_201_CREATED,
              responses=error_responses(401, 403, 404, 409, 429, *BODY_ERRORS))
-def submit(slug: str, data: SubmissionCreate, session: SessionDep, user: CurrentUser, response: Response,
+def submit(slug: str, data: SubmissionCreate, _: SubmitLimit, session: SessionDep, user: CurrentUser,
+           response: Response,
            idempotency_key: Annotated[str | None, Header(
                min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
                description="Any unique string per intended submission (a UUID): a retry with the same key "

@@ -12,11 +12,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, insert, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from app.db import utcnow
-from app.submissions.models import TERMINAL, TRANSITIONS, EpochMetric, Run, RunLogits, RunStatus
+from app.submissions.models import TERMINAL, TRANSITIONS, EpochMetric, Run, RunLogits, RunStatus, Submission
 from app.submissions.service import lock_submission, refresh_submission
 from worker.engine.config import RunSpec
 from worker.engine.result import EpochRow
@@ -34,18 +34,8 @@ class Claimed:
 
 
 @dataclass(frozen=True)
-class Busy:
-    """The run is running elsewhere with a live heartbeat: look again once it could have gone stale."""
-
-    host: str | None
-
-    def __str__(self) -> str:
-        return f"run is running on {self.host}"
-
-
-@dataclass(frozen=True)
 class Done:
-    """Nothing to do: the run is finished, cancelled or gone (a redelivered message)."""
+    """Nothing to do: no queued run for this queue (a spare token), or the run asked for is taken or over."""
 
     why: str
 
@@ -63,16 +53,60 @@ class GaveUp:
         return f"gave up: {self.reason}"
 
 
-ClaimResult = Claimed | Busy | Done | GaveUp
+ClaimResult = Claimed | Done | GaveUp
+
+
+def claim_next(session: Session, queue: str, hostname: str, *, stale_after: float, max_attempts: int
+               ) -> ClaimResult:
+    """What a wake-up token (app.dispatch) gets this worker: the run it should train next, if any.
+
+    First a run this very worker left running: a worker trains one run at a time (concurrency 1), so
+    such a run belongs to a child process that died (its token came back through reject_on_worker_lost),
+    and it is retaken at once instead of after its heartbeat goes stale. If it was lost too often it is
+    failed for good, and the token goes on to the next run. Then the fairest queued run (`fair_order`).
+    """
+    mine = session.scalars(select(Run.id).where(Run.status == RunStatus.running, Run.queue == queue,
+                                                Run.worker_hostname == hostname).order_by(Run.id)).all()
+    for run_id in mine:
+        got = claim(session, run_id, hostname, stale_after=stale_after, max_attempts=max_attempts)
+        if isinstance(got, Claimed):
+            return got
+    while True:
+        pick = (select(Run.id, Run.submission_id).join(Submission, Submission.id == Run.submission_id)
+                .where(Run.status == RunStatus.queued, Run.queue == queue, Run.attempts < max_attempts)
+                .order_by(*fair_order()).limit(1))
+        if session.get_bind().dialect.name == "postgresql":
+            # Workers claiming at once each lock a different submission instead of queueing on one (the
+            # claim locks the submission first too, so cancel and claim take their locks in one order).
+            pick = pick.with_for_update(of=Submission, skip_locked=True)
+        row = session.execute(pick).first()
+        if row is None:
+            return Done(f"no queued run on {queue}")
+        got = claim(session, row.id, hostname, stale_after=stale_after, max_attempts=max_attempts)
+        if isinstance(got, Claimed):
+            return got
+        # Lost a race for it (SQLite, where nothing was locked): it is someone else's now; pick again.
+
+
+def fair_order() -> tuple[ColumnElement, ...]:
+    """Who trains next: the team with the fewest runs training now, then the team whose last run started
+    longest ago (never first), then the earliest submission. One team's fifty entries can't hold back
+    another team's first."""
+    r, s = aliased(Run), aliased(Submission)
+    of_team = s.team_id == Submission.team_id
+    running = (select(func.count()).select_from(r).join(s, s.id == r.submission_id)
+               .where(of_team, r.status == RunStatus.running).scalar_subquery())
+    last_start = (select(func.max(r.started_at)).select_from(r).join(s, s.id == r.submission_id)
+                  .where(of_team).scalar_subquery())
+    return running.asc(), last_start.asc().nulls_first(), Submission.created_at.asc(), Run.id.asc()
 
 
 def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, max_attempts: int
           ) -> ClaimResult:
-    """Take the run for this worker, or say why not. A redelivered message finds it taken or done.
+    """Take this run for this worker, or say why not: the guarded UPDATE lets exactly one claimant win.
 
-    A worker runs one task at a time (concurrency 1), so a run marked running on this very worker
-    belongs to a child process that died (its message came back through reject_on_worker_lost):
-    that run is retaken at once instead of waiting for its heartbeat to go stale.
+    Claimable: a queued run; a running one whose heartbeat is stale; one marked running on this very
+    worker, whose child died (see claim_next).
     """
     now = utcnow()
     stale = now - timedelta(seconds=stale_after)
@@ -100,7 +134,7 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
                 session.refresh(run)
                 return GaveUp(run.error or "")
         if run.status == RunStatus.running:
-            return Busy(run.worker_hostname)
+            return Done(f"run is running on {run.worker_hostname}")
         return Done(f"run is {run.status}")
     # A retried attempt starts its curve afresh; the earlier attempt's rows would mix into it.
     session.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id))
@@ -178,7 +212,7 @@ def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) ->
     This covers what the broker cannot: a whole worker node lost with its unacked message (the filesystem
     broker never redelivers; Redis only after the visibility timeout). The guarded UPDATE makes the
     sweep safe to run from every worker at once: only one of them wins each run. Returns the
-    (run_id, queue) pairs to send a fresh message for.
+    (run_id, queue) pairs to send a fresh token for.
     """
     stale = utcnow() - timedelta(seconds=stale_after)
     candidates = session.execute(
@@ -232,10 +266,11 @@ def finished_checkpoints(session: Session, root: Path) -> list[Path]:
     return [d for run_id, d in sorted(found.items()) if run_id not in live]
 
 
-def record_lost_child(session: Session, run_id: int, hostname: str, reason: str) -> bool:
-    """The worker's parent saw the child training `run_id` die (a native crash, the OOM killer): say so
-    on the run, which stays running until the redelivered message retakes it or gives up."""
-    return bool(session.execute(
-        update(Run).where(Run.id == run_id, Run.status == RunStatus.running, Run.worker_hostname == hostname)
-        .values(error=reason[:4000]).execution_options(synchronize_session=False)
-    ).rowcount)
+def record_lost_child(session: Session, hostname: str, reason: str) -> list[int]:
+    """The worker's parent saw its child die (a native crash, the OOM killer): say so on the run the child
+    was training (the one running on this worker), which stays running until the redelivered token
+    retakes it or gives up. Returns that run's id (none if the child died before claiming)."""
+    mine = (Run.status == RunStatus.running) & (Run.worker_hostname == hostname)
+    ids = list(session.scalars(select(Run.id).where(mine)))
+    session.execute(update(Run).where(mine).values(error=reason[:4000]).execution_options(synchronize_session=False))
+    return ids

@@ -13,9 +13,10 @@ from sqlalchemy.orm import Session
 from app.auth.models import User
 from app.competitions.models import Competition, Membership, Team
 from app.config import get_settings
-from app.db import enqueue_after_commit, utcnow
+from app.db import utcnow
+from app.dispatch import wake_after_commit
 from app.errors import Conflict, NotFound, OutsideSearchSpace, QuotaExceeded
-from app.queue import send_train
+from app.leaderboard.service import note_submission
 from app.submissions.models import TERMINAL, EpochMetric, Run, RunStatus, Submission
 from worker.engine.config import RunSpec, TrainConfig, check_in_space
 from worker.engine.result import TrainResult
@@ -99,7 +100,7 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
                   status=RunStatus.queued)
         session.add(run)
         session.flush()
-        enqueue_after_commit(session, lambda rid=run.id: send_train(rid, queue))
+        wake_after_commit(session, queue, run.id)
     return sub, True
 
 
@@ -170,7 +171,8 @@ def derive_status(statuses: list[str]) -> str:
 
 
 def refresh_submission(session: Session, submission_id: int) -> Submission:
-    """Recompute status, mean accuracy and summed GPU-seconds from the runs (call with the row locked)."""
+    """Recompute status, mean accuracy and summed GPU-seconds from the runs (call with the row locked), and
+    the team's row on the leaderboard with them, in the same transaction."""
     session.flush()
     sub = session.get(Submission, submission_id)
     runs = session.execute(
@@ -186,6 +188,7 @@ def refresh_submission(session: Session, submission_id: int) -> Submission:
         errors = [r.error for r in runs if r.error]
         sub.error = errors[0] if errors else None
     session.flush()
+    note_submission(session, sub)
     return sub
 
 
