@@ -40,6 +40,14 @@ class QuotaExceeded(DomainError):
         self.retry_after = retry_after
 
 
+class RateLimited(DomainError):
+    """Too many requests from one token or address in the current window (app.ratelimit)."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class OutsideSearchSpace(DomainError):
     """A submitted config sets hyperparameters the competition does not allow, one violation each."""
 

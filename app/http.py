@@ -19,8 +19,16 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import Conflict, DomainError, Forbidden, NotFound, OutsideSearchSpace, QuotaExceeded, Unauthorized
-from app.ratelimit import RateLimited
+from app.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    NotFound,
+    OutsideSearchSpace,
+    QuotaExceeded,
+    RateLimited,
+    Unauthorized,
+)
 from worker.engine.config import Violation
 
 

@@ -19,15 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from app.admin.models import RateWindow
 from app.config import get_settings
 from app.db import get_engine
-from app.errors import DomainError
-
-
-class RateLimited(DomainError):
-    """Too many requests from one token or address in the current window."""
-
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail)
-        self.retry_after = retry_after
+from app.errors import RateLimited
 
 
 def hit(key: str, limit: int, window_seconds: int, now: float | None = None) -> None:

@@ -218,6 +218,9 @@ def _seed(url: str, args, tag: str, tiny_tar: Path) -> tuple[dict, dict]:
             "spec": json.dumps(spec.model_dump(mode="json")), "spec_hash": spec.identity(),
             "queue": get_settings().queue_for(comp.hardware_class), "comp": comp.id})
         rebuild_best(s, comp.id)
+        # Each team's count, as create_submission keeps it (migration 0006 backfills it the same way).
+        s.execute(text("UPDATE team SET submissions = (SELECT count(*) FROM submission "
+                       "WHERE submission.team_id = team.id) WHERE competition_id = :comp"), {"comp": comp.id})
         load = {"slug": comp.slug, "id": comp.id, "tokens": [f"bench-load-{i}" for i in range(len(users))]}
         tiny_info = {"slug": tiny.slug, "hardware_class": tiny.hardware_class, "token": "bench-tiny-0",
                      "user_id": tiny_user[1]}

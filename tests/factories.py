@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import factory
 from factory.alchemy import SQLAlchemyModelFactory
+from sqlalchemy import update
 
 from app.auth.models import Role, User
 from app.auth.service import hash_token
@@ -127,6 +128,7 @@ class SubmissionFactory(_Base):
         run = Run(submission_id=obj.id, seed=0, spec=spec, spec_hash=spec.identity(), queue="train.cpu",
                   status=obj.status, attempts=1, accuracy=obj.accuracy, gpu_seconds=obj.gpu_seconds)
         session.add(run)
+        session.execute(update(Team).where(Team.id == obj.team_id).values(submissions=Team.submissions + 1))
         refresh_submission(session, obj.id)
         session.commit()
 

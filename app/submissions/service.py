@@ -94,6 +94,7 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
         # The same key in a request running at this very moment (SQLite has no row lock to wait on).
         raise Conflict(f"a submission with Idempotency-Key {idempotency_key!r} is being made right now; "
                        "retry to get it") from None
+    session.execute(update(Team).where(Team.id == member.team_id).values(submissions=Team.submissions + 1))
     queue = get_settings().queue_for(comp.hardware_class)
     for spec in specs:
         run = Run(submission_id=sub.id, seed=spec.seed, spec=spec, spec_hash=spec.identity(), queue=queue,

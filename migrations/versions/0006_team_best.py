@@ -1,5 +1,5 @@
 """the leaderboard materialised: each team's best succeeded submission (team_best), backfilled from the
-submissions already ranked
+submissions already ranked; each team's submission count (team.submissions), backfilled by counting
 
 Revision ID: 0006
 Revises: 0005
@@ -32,6 +32,10 @@ WHERE nth = 1
 """
 
 
+# Every submission counts, whatever its status, as the board counted them before.
+COUNT = "UPDATE team SET submissions = (SELECT count(*) FROM submission WHERE submission.team_id = team.id)"
+
+
 def upgrade() -> None:
     op.create_table(
         "team_best",
@@ -51,7 +55,12 @@ def upgrade() -> None:
         sa.UniqueConstraint("submission_id", name=op.f("uq_team_best_submission_id")),
     )
     op.execute(BACKFILL)
+    with op.batch_alter_table("team", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("submissions", sa.Integer(), server_default="0", nullable=False))
+    op.execute(COUNT)
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("team", schema=None) as batch_op:
+        batch_op.drop_column("submissions")
     op.drop_table("team_best")

@@ -129,6 +129,7 @@ print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "native
 """
 
 
+@pytest.mark.slow  # three fresh interpreters importing torch: ~11 s, kept out of the quick loop
 @pytest.mark.parametrize("env", [AVX2, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ATEN_CPU_CAPABILITY": "avx2"}],
                          ids=["both", "onednn", "aten"])
 def test_a_capped_cpu_resolves_auto_to_fp32(env):

@@ -34,6 +34,7 @@ def test_a_checkout_names_its_git_commit():
     assert device.code_version() == head
 
 
+@pytest.mark.slow  # copies the package and starts a fresh interpreter: ~8 s, kept out of the quick loop
 def test_an_image_without_git_names_the_commit_baked_in_at_build(tmp_path):
     # What Dockerfile.gpu does: copy the code (no .git), then write the build arg where the engine reads it.
     dockerfile = (REPO / "Dockerfile.gpu").read_text()
