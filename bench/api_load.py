@@ -6,7 +6,7 @@ Setup: a fresh PostgreSQL database, migrated with app.migrate; 1,000 teams (one 
 statements that PostgreSQL expands (generate_series); then leaderboard.service.rebuild_best fills
 team_best, as migration 0006 backfills it, VACUUM ANALYZE leaves the tables as autovacuum would, and a
 CHECKPOINT writes the load out before anything is timed. The real API runs as 2 uvicorn worker processes
-(no access log, rate limits off) on Redis db 14 as its broker, started by bench/_api_server.py:
+(no access log, rate limits off) on Redis db 14 as its broker, started by app.serve (`hparena api --workers N`):
 `uvicorn --workers N` with TCP_NODELAY on. --stock-uvicorn runs the CLI as it is, whose multi-worker
 listener loses TCP_NODELAY and adds ~40 ms to every keep-alive request.
 
@@ -78,7 +78,7 @@ def main() -> None:
     p.add_argument("--api-workers", type=int, default=2, help="uvicorn --workers")
     p.add_argument("--dispatches", type=int, default=5, help="0: no worker, no (c)")
     p.add_argument("--stock-uvicorn", action="store_true",
-                   help="`uvicorn --workers N` as is: no TCP_NODELAY, ~40 ms more per request (bench/_api_server.py)")
+                   help="`uvicorn --workers N` as is: no TCP_NODELAY, ~40 ms more per request (app/serve.py)")
     args = p.parse_args()
     if args.quick:
         args.teams, args.submissions, args.board_requests, args.intake_seconds, args.dispatches = 100, 5000, 100, 3, 2
@@ -106,8 +106,9 @@ def main() -> None:
             api = python_cmd("uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port), "--workers",
                              str(args.api_workers), "--no-access-log", "--log-level", "warning")
         else:
-            api = [sys.executable, str(Path(__file__).with_name("_api_server.py")), "127.0.0.1", str(port),
-                   str(args.api_workers)]
+            api = [sys.executable, "-c", "import sys; from app.serve import serve; "
+                   "serve('127.0.0.1', int(sys.argv[1]), int(sys.argv[2]), log_level='warning', access_log=False)",
+                   str(port), str(args.api_workers)]
         print(f"[setup] API: {' '.join(api[1:])}")
         procs.append(spawn(api, work / "api.log", env))
         base = f"http://127.0.0.1:{port}"

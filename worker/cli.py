@@ -158,14 +158,14 @@ def migrate() -> None:
 
 
 @cli.command()
-def api(host: str = "127.0.0.1", port: int = 8000) -> None:
+def api(host: str = "127.0.0.1", port: int = 8000,
+        workers: int = typer.Option(1, min=1, help="API processes (uvicorn workers) sharing the port.")) -> None:
     """Run the REST API (uvicorn)."""
-    import uvicorn
-
     from app import migrate as m
+    from app.serve import serve
 
     m.upgrade()
-    uvicorn.run("app.main:app", host=host, port=port)
+    serve(host, port, workers)
 
 
 @cli.command()

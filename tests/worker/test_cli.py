@@ -91,3 +91,30 @@ def test_train_resumes_from_a_checkpoint_dir(cli_env, tiny_cifar):
     assert "1 epoch(s) already trained" in r.output and "epoch 2/2" in r.output
     assert json.loads(out.read_text())["resumed"]["epochs"] == 1
     assert not ckpt.exists()
+
+
+@pytest.mark.slow
+def test_api_with_several_processes_serves_on_one_port(tmp_path):
+    """`hparena api --workers 2` (app.serve): both processes accept on the one listener they share."""
+    import os
+    import socket
+    import sys
+
+    import httpx
+
+    from worker.processes import spawn, stop, wait_http
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HPARENA_VAR_DIR": str(tmp_path / "var"), "HPARENA_DATABASE_URL": "",
+           "HPARENA_BROKER_URL": "filesystem://"}
+    proc = spawn([sys.executable, "-m", "worker.cli", "api", "--port", str(port), "--workers", "2"],
+                 tmp_path / "api.log", env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:  # one keep-alive connection
+            assert {http.get("/api/health").status_code for _ in range(20)} == {200}
+        assert "Started parent process" in (tmp_path / "api.log").read_text()
+    finally:
+        stop(proc)
