@@ -153,17 +153,18 @@ def test_submission_goes_through_a_real_worker_onto_the_leaderboard(stack):
 ADMIN = {"Authorization": "Bearer e2e-admin-token"}
 
 
-def _long_submission(http: httpx.Client, stack: dict, slug: str) -> tuple[dict, int]:
-    """A competition whose one run trains 30 short epochs, and a submission to it: (student headers, id)."""
+def _long_submission(http: httpx.Client, stack: dict, slug: str, epochs: int = 30) -> tuple[dict, int]:
+    """A competition whose one run trains `epochs` short epochs, and a submission to it: (student headers,
+    id)."""
     org = {"Authorization": "Bearer " + http.post("/api/admin/users", json={"name": "o", "role": "organizer"},
                                                   headers=ADMIN).json()["token"]}
     comp = {"slug": slug, "title": slug, "hardware_class": stack["hw"], "seeds": [0],
             "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
-            "budget": {"max_epochs": 30}}
+            "budget": {"max_epochs": epochs}}
     assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
     token = http.post(f"/api/competitions/{slug}/join", json={"name": "s", "team": "t"}).json()["token"]
     student = {"Authorization": f"Bearer {token}"}
-    r = http.post(f"/api/competitions/{slug}/submissions", json={"config": {"batch_size": 32, "epochs": 30}},
+    r = http.post(f"/api/competitions/{slug}/submissions", json={"config": {"batch_size": 32, "epochs": epochs}},
                   headers=student)
     assert r.status_code == 201, r.text
     return student, r.json()["id"]
@@ -261,3 +262,37 @@ def test_native_crashes_in_the_training_child_fail_the_run_with_a_readable_reaso
                       headers=student)
         assert r.status_code == 201, r.text
         assert _finished(http, stack, student, r.json()["id"])["status"] == "succeeded"
+
+
+def test_a_worker_on_another_database_leaves_the_message_for_the_right_one(stack, tmp_path):
+    """A worker pointed at the wrong database (another deployment's identity) gets the token, refuses it
+    and says why, in its log and on its fleet table; the token stays in the broker, and the right worker,
+    started later, trains the run."""
+    from sqlalchemy import create_engine, text
+
+    from app import migrate
+
+    with httpx.Client(base_url=stack["url"], timeout=30) as http:
+        right = [p for p in stack["procs"] if "worker.cli" in " ".join(p.args)][0]
+        stop(right)
+        wrong_db = f"sqlite:///{tmp_path / 'other-deployment.db'}"
+        migrate.upgrade(wrong_db)
+        stack["procs"].append(spawn(
+            [sys.executable, "-m", "worker.cli", "worker", "--hostname", "wrong@%h"], tmp_path / "wrong.log",
+            {**os.environ, "HPARENA_DATABASE_URL": wrong_db, "HPARENA_REFUSE_DELAY_SECONDS": "1"}))
+        student, sid = _long_submission(http, stack, "lost-token", epochs=1)
+
+        _wait(lambda: "refused a message from deployment" in (tmp_path / "wrong.log").read_text(), 120,
+              "the wrong worker to refuse", tmp_path)
+        time.sleep(3)  # it refuses again and again (the token keeps coming back) and never drops it
+        assert http.get(f"/api/submissions/{sid}", headers=student).json()["status"] == "queued"
+        engine = create_engine(wrong_db)
+        with engine.connect() as conn:
+            problem = conn.execute(text("SELECT problem FROM worker_node WHERE hostname LIKE 'wrong@%'")).scalar()
+        engine.dispose()
+        assert "HPARENA_DATABASE_URL" in problem
+
+        stack["start_worker"]("right")
+        detail = _finished(http, stack, student, sid, timeout=240)
+        assert detail["status"] == "succeeded" and detail["runs"][0]["worker_hostname"].startswith("right@")
+        assert detail["runs"][0]["attempts"] == 1
