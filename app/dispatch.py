@@ -17,12 +17,13 @@ the run whose arrival (or, from the reconciler, whose lack of a token) made it.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.admin.models import Deployment
-from app.db import enqueue_after_commit
+from app.db import enqueue_after_commit, utcnow
 from app.queue import TRAIN_TASK, get_celery, queue_depth
 from app.submissions.models import Run, RunStatus
 
@@ -58,28 +59,29 @@ def wake_after_commit(session: Session, queue: str, run_id: int) -> None:
     enqueue_after_commit(session, lambda: send_wake(queue, uid, run_id))
 
 
-def reconcile(session: Session, queue: str) -> int:
+def reconcile(session: Session, queue: str, grace_seconds: float = 5.0) -> int:
     """Top the broker up to one token per queued run of `queue`; returns how many tokens were sent.
 
-    Tokens a worker holds right now are not in the broker's count, so this may send a few more than
-    needed; a spare token costs one empty claim. The deployment row is locked while counting and
-    sending, so that workers reconciling at the same moment on PostgreSQL don't each send the same
-    missing tokens (SQLite serialises writers anyway).
+    Runs submitted in the last `grace_seconds` are not counted: their tokens are on their way (published
+    just after their commit). A token a worker holds right now is not in the broker's count either, so
+    this may still send one more than needed now and then; a spare token costs one empty claim. The
+    deployment row is locked while counting and sending, so that workers reconciling at the same moment
+    on PostgreSQL don't each send the same missing tokens (SQLite serialises writers anyway).
     """
     depth = queue_depth(queue)
     if depth is None:
         return 0
     session.execute(select(Deployment.id).where(Deployment.id == 1).with_for_update())
     depth = queue_depth(queue)  # again, under the lock: another worker may just have topped it up
-    queued = session.scalar(select(func.count()).select_from(Run).where(
-        Run.status == RunStatus.queued, Run.queue == queue)) or 0
+    waiting = (Run.status == RunStatus.queued) & (Run.queue == queue) & (
+        Run.created_at < utcnow() - timedelta(seconds=grace_seconds))
+    queued = session.scalar(select(func.count()).select_from(Run).where(waiting)) or 0
     missing = queued - (depth or 0)
     if depth is None or missing <= 0:
         return 0
     uid = deployment_uid(session)
     # Named after the runs that waited longest: the ones most likely to have lost their token.
-    oldest = session.scalars(select(Run.id).where(Run.status == RunStatus.queued, Run.queue == queue)
-                             .order_by(Run.id).limit(missing)).all()
+    oldest = session.scalars(select(Run.id).where(waiting).order_by(Run.id).limit(missing)).all()
     sent = sum(send_wake(queue, uid, run_id) for run_id in oldest)
     if sent:
         log.warning("queue %s: %d queued runs, %d tokens in the broker; sent %d", queue, queued, depth, sent)

@@ -53,13 +53,13 @@ def test_a_submission_made_while_the_broker_is_down_is_kept_and_dispatched_when_
     assert queue["train.cpu"] == {"queue": "train.cpu", "queued_runs": 2, "running_runs": 0,
                                   "broker_messages": None}
     with session_scope() as s:  # a worker's beat while the broker is still down: nothing to do, no error
-        assert reconcile(s, "train.cpu") == 0
+        assert reconcile(s, "train.cpu", grace_seconds=0) == 0
 
     _use_broker(monkeypatch, "filesystem://")  # the broker is back (empty)
     with session_scope() as s:
-        assert reconcile(s, "train.cpu") == 2
+        assert reconcile(s, "train.cpu", grace_seconds=0) == 2
     with session_scope() as s:  # the next beat finds a token for every queued run
-        assert reconcile(s, "train.cpu") == 0
+        assert reconcile(s, "train.cpu", grace_seconds=0) == 0
     queue = {q["queue"]: q for q in client.get("/api/admin/workers", headers=admin_headers).json()["queues"]}
     assert queue["train.cpu"]["broker_messages"] == 2
 
@@ -76,14 +76,14 @@ def test_the_reconciler_refills_a_redis_that_lost_its_queue(client, admin_header
     try:
         assert r.llen(queue) == 3
         with session_scope() as s:
-            assert reconcile(s, queue) == 0
+            assert reconcile(s, queue, grace_seconds=0) == 0
         r.delete(queue)  # what a restart of a Redis without persistence leaves: no key at all
         with session_scope() as s:
-            assert reconcile(s, queue) == 3
+            assert reconcile(s, queue, grace_seconds=0) == 3
         assert r.llen(queue) == 3
         client.post(f"/api/submissions/{ids[0]}/cancel", headers=student)  # fewer queued runs than tokens
         with session_scope() as s:
-            assert reconcile(s, queue) == 0
+            assert reconcile(s, queue, grace_seconds=0) == 0
     finally:
         r.delete(queue)
 
