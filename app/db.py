@@ -14,7 +14,8 @@ from functools import lru_cache
 
 from pydantic import BaseModel
 from sqlalchemy import JSON, DateTime, MetaData, TypeDecorator, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from app.config import get_settings
@@ -126,6 +127,11 @@ def dispose_after_fork() -> None:
     """In a forked child: drop the pool inherited from the parent without closing the parent's sockets."""
     for engine in _ENGINES.values():
         engine.dispose(close=False)
+
+
+def upsert_insert(bind: Engine | Connection, table):
+    """`INSERT` with `.on_conflict_do_update/_nothing` for this database (PostgreSQL's or SQLite's)."""
+    return (postgresql.insert if bind.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def enqueue_after_commit(session: Session, send: Callable[[], None]) -> None:

@@ -68,16 +68,15 @@ def reconcile(session: Session, queue: str, grace_seconds: float = 5.0) -> int:
     deployment row is locked while counting and sending, so that workers reconciling at the same moment
     on PostgreSQL don't each send the same missing tokens (SQLite serialises writers anyway).
     """
-    depth = queue_depth(queue)
-    if depth is None:
-        return 0
     session.execute(select(Deployment.id).where(Deployment.id == 1).with_for_update())
-    depth = queue_depth(queue)  # again, under the lock: another worker may just have topped it up
+    depth = queue_depth(queue)  # under the lock: another worker may just have topped it up
+    if depth is None:  # the broker is down: nothing to send to
+        return 0
     waiting = (Run.status == RunStatus.queued) & (Run.queue == queue) & (
         Run.created_at < utcnow() - timedelta(seconds=grace_seconds))
     queued = session.scalar(select(func.count()).select_from(Run).where(waiting)) or 0
-    missing = queued - (depth or 0)
-    if depth is None or missing <= 0:
+    missing = queued - depth
+    if missing <= 0:
         return 0
     uid = deployment_uid(session)
     # Named after the runs that waited longest: the ones most likely to have lost their token.

@@ -14,11 +14,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy import delete
-from sqlalchemy.dialects import postgresql, sqlite
 
 from app.admin.models import RateWindow
 from app.config import get_settings
-from app.db import get_engine
+from app.db import get_engine, upsert_insert
 from app.errors import RateLimited
 
 
@@ -27,8 +26,7 @@ def hit(key: str, limit: int, window_seconds: int, now: float | None = None) -> 
     now = time.time() if now is None else now
     window = int(now // window_seconds)
     engine = get_engine(get_settings().database_url)
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    upsert = dialect.insert(RateWindow).values(key=key, window=window, hits=1)
+    upsert = upsert_insert(engine, RateWindow).values(key=key, window=window, hits=1)
     upsert = upsert.on_conflict_do_update(index_elements=["key", "window"],
                                           set_={"hits": RateWindow.hits + 1}).returning(RateWindow.hits)
     with engine.begin() as conn:

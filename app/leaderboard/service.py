@@ -11,11 +11,10 @@ transaction that changes a submission's status, so the board never shows a state
 from __future__ import annotations
 
 from sqlalchemy import ColumnElement, Select, delete, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app.competitions.models import Team
+from app.db import upsert_insert
 from app.leaderboard.models import TeamBest
 from app.submissions.models import RunStatus, Submission
 
@@ -94,8 +93,7 @@ def _of_team(sub: Submission) -> ColumnElement[bool]:
 def _insert_if_absent(session: Session, sub: Submission) -> bool:
     """The team's first succeeded submission is its best. ON CONFLICT: a concurrent first one waits for
     this insert and then finds the row (a plain INSERT would fail the second worker's whole write)."""
-    dialect = session.get_bind().dialect.name
-    ins = (pg_insert if dialect == "postgresql" else sqlite_insert)(TeamBest).values(
+    ins = upsert_insert(session.get_bind(), TeamBest).values(
         competition_id=sub.competition_id, team_id=sub.team_id, submission_id=sub.id, accuracy=sub.accuracy,
         gpu_seconds=sub.gpu_seconds, submitted_at=sub.created_at)
     return session.execute(ins.on_conflict_do_nothing()).rowcount == 1
