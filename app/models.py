@@ -1,6 +1,6 @@
 """Every table, imported in one place so Alembic's autogenerate and `Base.metadata` see them all."""
 
-from app.admin.models import Deployment, RateWindow, WorkerNode
+from app.admin.models import Deployment, HardwareClass, RateWindow, Throughput, WorkerNode
 from app.audit.models import AuditEvent
 from app.auth.models import Role, User
 from app.competitions.models import Competition, Membership, Team
@@ -9,6 +9,6 @@ from app.leaderboard.models import TeamBest
 from app.submissions.models import EpochMetric, Run, RunLogits, RunStatus, Submission
 
 __all__ = [
-    "AuditEvent", "Base", "Competition", "Deployment", "EpochMetric", "Membership", "RateWindow", "Role", "Run",
-    "RunLogits", "RunStatus", "Submission", "Team", "TeamBest", "User", "WorkerNode",
+    "AuditEvent", "Base", "Competition", "Deployment", "EpochMetric", "HardwareClass", "Membership", "RateWindow",
+    "Role", "Run", "RunLogits", "RunStatus", "Submission", "Team", "TeamBest", "Throughput", "User", "WorkerNode",
 ]

@@ -117,8 +117,9 @@ def _empty_tables(url: str) -> None:
     from app.db import Base, get_engine
 
     engine = get_engine(url)
-    # The deployment's identity is made by the migrations, once per database, like the schema itself.
-    tables = [t for t in Base.metadata.sorted_tables if t.name != "deployment"]
+    # The deployment's identity and the seeded hardware classes are made by the migrations, once per
+    # database, like the schema itself (a test that edits a class puts it back).
+    tables = [t for t in Base.metadata.sorted_tables if t.name not in ("deployment", "hardware_class")]
     with engine.begin() as conn:
         if url.startswith("postgresql"):
             names = ", ".join(f'"{t.name}"' for t in tables)

@@ -57,6 +57,20 @@ def join(client, slug, name="alice", team=None, invite_code=None) -> dict[str, s
     return {"Authorization": f"Bearer {r.json()['token']}", "X-Invite-Code": r.json()["invite_code"]}
 
 
+def cpu_class(database_url: str, name: str, **overrides) -> None:
+    """A hardware class any CPU serves, under a name of the test's own (a queue no other test shares)."""
+    from sqlalchemy.orm import Session
+
+    from app.admin.models import HardwareClass
+    from app.db import get_engine
+
+    values = {"device_type": "cpu", "name_pattern": "", "train_images_per_sec": 400.0,
+              "eval_images_per_sec": 1500.0, "description": "test class", "updated_at": utcnow(), **overrides}
+    with Session(get_engine(database_url)) as s:
+        s.merge(HardwareClass(name=name, **values))
+        s.commit()
+
+
 # ---- model factories (set `_meta.sqlalchemy_session` via `bind(session)`) -------------------------------
 
 

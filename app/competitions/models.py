@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, PydanticJSON, TimestampMixin, UTCDateTime
@@ -31,6 +31,10 @@ class Competition(TimestampMixin, Base):
     seeds: Mapped[list[int]] = mapped_column(JSON, default=lambda: [0])
     # Deterministic kernels: slower, but a rerun of the same config reproduces the same score bit for bit.
     deterministic: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Optional per-team GPU-hour budget: an entry predicted to cost more than what is left is refused (429).
+    gpu_hour_budget: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Optional cap on one team's runs training at once (fair-share dispatch skips a team at its cap).
+    max_running_per_team: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("user_account.id"), nullable=True)
 
 

@@ -40,6 +40,12 @@ class CompetitionCreate(BaseModel):
     seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(default_factory=lambda: [0], min_length=1,
                                                                   max_length=16)
     deterministic: bool = Field(False, description="Deterministic kernels (slower; bitwise-reproducible runs).")
+    gpu_hour_budget: float | None = Field(None, gt=0, le=1_000_000, description=(
+        "Per-team budget in GPU-hours (CPU-hours on a CPU class). An entry whose predicted cost exceeds what is "
+        "left is refused with 429; each run is charged what it measured when it ends; infrastructure failures "
+        "are refunded. Null: no budget."))
+    max_running_per_team: int | None = Field(None, ge=1, le=10_000, description=(
+        "At most this many of one team's runs train at once; its other runs wait while other teams' go."))
 
     @field_validator("starts_at", "deadline")
     @classmethod
@@ -83,6 +89,8 @@ class CompetitionOut(BaseModel):
     deadline: datetime | None
     seeds: list[int]
     deterministic: bool
+    gpu_hour_budget: float | None
+    max_running_per_team: int | None
     created_at: datetime
 
 

@@ -45,6 +45,8 @@ def create_competition(session: Session, data: CompetitionCreate, creator: User 
         deadline=data.deadline,
         seeds=data.seeds,
         deterministic=data.deterministic,
+        gpu_hour_budget=data.gpu_hour_budget,
+        max_running_per_team=data.max_running_per_team,
         created_by_id=creator.id if creator else None,
     )
     session.add(comp)

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Float,
     ForeignKey,
     Index,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -30,6 +32,14 @@ class RunStatus(StrEnum):
     failed = "failed"
     diverged = "diverged"
     cancelled = "cancelled"
+
+
+class FailureKind(StrEnum):
+    """Why a failed (or diverged) run failed, which decides who pays for it (app.submissions.runs)."""
+
+    infrastructure = "infrastructure"  # worker lost, node fault, services unreachable, process killed: refunded
+    config = "config"  # diverged, out of memory at micro-batch 1, invalid at run time: charged
+    timeout = "timeout"  # ran past its time limit (predicted time x factor): charged
 
 
 TERMINAL = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.diverged, RunStatus.cancelled})
@@ -62,6 +72,12 @@ class Submission(TimestampMixin, Base):
     gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # summed over seeds
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Derived from the runs too (refresh_submission): the first failed run's kind; the device-seconds
+    # predicted at submission and those charged to the team; whether any run ran off its class's device.
+    failure_kind: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    predicted_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    charged_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    device_mismatch: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     runs: Mapped[list[Run]] = relationship(back_populates="submission", order_by="Run.id", lazy="selectin")
 
@@ -99,11 +115,22 @@ class Run(TimestampMixin, Base):
     diverged_epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     diverged_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failure_kind: Mapped[str | None] = mapped_column(String(20), nullable=True)  # FailureKind, when failed
+    # Device-seconds predicted at submission (app.costs.predict) and the time limits derived from them.
+    predicted_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # What the run cost its team (device-seconds): its gpu_seconds when it trained, 0 when refunded
+    # (an infrastructure failure) or reused; None while it is not over.
+    charged_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Set when the run's result was reused from an identical earlier run (dedup): that run's id.
+    reused_from_run_id: Mapped[int | None] = mapped_column(ForeignKey("run.id", ondelete="SET NULL"),
+                                                           nullable=True)
+    # Why the device it ran on does not match its competition's hardware class (None: it matches).
+    device_mismatch: Mapped[str | None] = mapped_column(Text, nullable=True)
     # TrainResult.to_json(): resolved spec, versions, device, timings, per-half metrics. Read it typed with
     # TrainResult.model_validate.
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
-    submission: Mapped[Submission] = relationship(back_populates="runs")
+    submission: Mapped[Submission] = relationship(back_populates="runs", foreign_keys=[submission_id])
 
 
 class EpochMetric(Base):

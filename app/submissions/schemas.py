@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from worker.engine.config import TrainConfig
 
@@ -12,6 +12,23 @@ class SubmissionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     config: TrainConfig
+
+
+GPU_SECONDS = ("Device-seconds, measured the same way on every worker: the wall time of the training and "
+               "evaluation phases (every epoch, the per-epoch and the final evaluation), with the device "
+               "synchronised at each phase's end; setup (building the model, moving data) is not counted. "
+               "On a CPU hardware class the figure is CPU-seconds: see cost_unit.")
+FAILURE_KIND = ("Why it failed, when it did: infrastructure (worker lost, node fault, services unreachable, process "
+                "killed by the system; retried automatically and refunded), config (diverged, out of memory even at "
+                "micro-batch 1, invalid at run time; charged) or timeout (ran past its time limit; charged).")
+CHARGED = ("Device-seconds charged to the team's GPU-hour budget: what it measured, or 0 when refunded (an "
+           "infrastructure failure) or reused. Null while not over.")
+
+
+def _relative_error(actual: float | None, predicted: float | None) -> float | None:
+    if actual is None or not predicted:
+        return None
+    return (actual - predicted) / predicted
 
 
 class EpochOut(BaseModel):
@@ -46,6 +63,18 @@ class RunOut(BaseModel):
     diverged_epoch: int | None
     diverged_step: int | None
     error: str | None
+    failure_kind: str | None = Field(description=FAILURE_KIND)
+    predicted_seconds: float | None = Field(description="Device-seconds predicted at submission (see gpu_seconds).")
+    charged_seconds: float | None = Field(description=CHARGED)
+    reused_from_run_id: int | None = Field(description="This run trained nothing: its result is that earlier "
+                                                       "run's, whose resolved spec is identical (dedup).")
+    device_mismatch: str | None = Field(description="Why the device it ran on is not its competition's "
+                                                    "hardware class (null: it is). The board flags such results.")
+
+    @computed_field(description="(gpu_seconds - predicted_seconds) / predicted_seconds, once both are known.")
+    @property
+    def prediction_error(self) -> float | None:
+        return _relative_error(self.gpu_seconds, self.predicted_seconds)
 
 
 class RunDetail(RunOut):
@@ -62,11 +91,35 @@ class SubmissionOut(BaseModel):
     user_id: int
     status: str
     accuracy: float | None
-    gpu_seconds: float | None
+    gpu_seconds: float | None = Field(description="Summed over its runs. " + GPU_SECONDS)
     error: str | None
     created_at: datetime
     finished_at: datetime | None
     config: dict[str, Any]
+    failure_kind: str | None = Field(description=FAILURE_KIND)
+    predicted_seconds: float | None = Field(description="Device-seconds predicted at submission, all seeds: "
+                                                        "epochs x training images x seeds / the class's measured "
+                                                        "throughput, plus evaluation. Reused runs cost nothing.")
+    charged_seconds: float | None = Field(description=CHARGED)
+    device_mismatch: bool = Field(description="A run of it ran on a device that is not its competition's class.")
+    cost_unit: str = Field("gpu-seconds", description="gpu-seconds, or cpu-seconds on a CPU hardware class.")
+    queue_position: int | None = Field(None, description="While queued: runs of its class that go before its "
+                                                         "first queued run (0: next), in fair-share order.")
+    eta_seconds: float | None = Field(None, description="While queued or running: predicted seconds until it "
+                                                        "finishes, from its queue position and the class's live "
+                                                        "workers (null: no live worker serves its class).")
+    eta_at: datetime | None = Field(None, description="now + eta_seconds.")
+    eta_note: str | None = Field(None, description="How the ETA was reached, or why there is none.")
+
+    @computed_field(description="predicted_seconds / 3600.")
+    @property
+    def predicted_gpu_hours(self) -> float | None:
+        return None if self.predicted_seconds is None else self.predicted_seconds / 3600
+
+    @computed_field(description="(gpu_seconds - predicted_seconds) / predicted_seconds, once it is over.")
+    @property
+    def prediction_error(self) -> float | None:
+        return _relative_error(self.gpu_seconds, self.predicted_seconds)
 
 
 class SubmissionDetail(SubmissionOut):

@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import costs
 from app.auth.models import User
 from app.competitions.models import Competition, Membership, Team
 from app.config import get_settings
@@ -17,6 +18,7 @@ from app.db import utcnow
 from app.dispatch import wake_after_commit
 from app.errors import Conflict, NotFound, OutsideSearchSpace, QuotaExceeded
 from app.leaderboard.service import note_submission
+from app.submissions import dedup
 from app.submissions.models import TERMINAL, EpochMetric, Run, RunStatus, Submission
 from worker.engine.config import RunSpec, TrainConfig, check_in_space
 from worker.engine.result import TrainResult
@@ -83,8 +85,15 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
     now = utcnow()
     check_open(comp, now)
     check_quota(session, comp, member.team_id, now)
+    # A run identical to an earlier succeeded one reuses its result (dedup) and costs nothing; the others
+    # are priced, and the team's GPU-hour budget must cover them.
+    originals = {spec.seed: dedup.find_original(session, comp.id, spec.identity()) for spec in specs}
+    predicted = {spec.seed: costs.predict_seconds(session, comp, spec) for spec in specs}
+    costs.check_budget(session, comp, member.team_id,
+                       sum(p for seed, p in predicted.items() if originals[seed] is None and p is not None))
     sub = Submission(competition_id=comp.id, team_id=member.team_id, user_id=user.id, config=config,
-                     idempotency_key=idempotency_key, status=RunStatus.queued, created_at=now)
+                     idempotency_key=idempotency_key, status=RunStatus.queued, created_at=now,
+                     predicted_seconds=_total(p for seed, p in predicted.items() if originals[seed] is None))
     session.add(sub)
     try:
         session.flush()
@@ -98,11 +107,21 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
     queue = get_settings().queue_for(comp.hardware_class)
     for spec in specs:
         run = Run(submission_id=sub.id, seed=spec.seed, spec=spec, spec_hash=spec.identity(), queue=queue,
-                  status=RunStatus.queued)
+                  status=RunStatus.queued, predicted_seconds=predicted[spec.seed])
         session.add(run)
         session.flush()
-        wake_after_commit(session, queue, run.id)
+        if (original := originals[spec.seed]) is not None:
+            dedup.reuse(session, run, original)
+        else:
+            wake_after_commit(session, queue, run.id)
+    if any(originals.values()):
+        refresh_submission(session, sub.id)
     return sub, True
+
+
+def _total(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) if values else 0.0
 
 
 def _by_key(session: Session, user: User, key: str) -> Submission | None:
@@ -177,11 +196,16 @@ def refresh_submission(session: Session, submission_id: int) -> Submission:
     session.flush()
     sub = session.get(Submission, submission_id)
     runs = session.execute(
-        select(Run.status, Run.accuracy, Run.gpu_seconds, Run.error, Run.finished_at)
-        .where(Run.submission_id == submission_id)
+        select(Run.status, Run.accuracy, Run.gpu_seconds, Run.error, Run.finished_at, Run.failure_kind,
+               Run.charged_seconds, Run.device_mismatch)
+        .where(Run.submission_id == submission_id).order_by(Run.id)
     ).all()
     sub.status = derive_status([r.status for r in runs])
     sub.gpu_seconds = sum(r.gpu_seconds or 0.0 for r in runs) or None
+    charged = [r.charged_seconds for r in runs if r.charged_seconds is not None]
+    sub.charged_seconds = sum(charged) if charged else None
+    sub.failure_kind = next((r.failure_kind for r in runs if r.failure_kind), None)
+    sub.device_mismatch = any(r.device_mismatch for r in runs)
     if sub.status == RunStatus.succeeded:
         sub.accuracy = sum(r.accuracy for r in runs) / len(runs)
     if sub.status in TERMINAL:

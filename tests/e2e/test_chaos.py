@@ -39,6 +39,7 @@ from tests.e2e.chaos import (
     submit_all,
 )
 from tests.e2e.services import PgCluster, RedisServer, free_port, pg_bindir
+from tests.factories import cpu_class
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -87,6 +88,8 @@ def stack(tmp_path, tiny_cifar, redis_server, pg_cluster):
 
     db_url = pg_cluster.create_database("hparena")
     migrate.upgrade(db_url)
+    hw = f"chaos{uuid.uuid4().hex[:6]}"
+    cpu_class(db_url, hw)
     port = free_port()
     env = {
         **os.environ,
@@ -95,7 +98,7 @@ def stack(tmp_path, tiny_cifar, redis_server, pg_cluster):
         "HPARENA_VAR_DIR": str(tmp_path / "var"),
         "HPARENA_DATA_DIR": str(tmp_path / "data"),
         "HPARENA_ADMIN_TOKEN": ADMIN["Authorization"].split()[1],
-        "HPARENA_HARDWARE_CLASS": f"chaos{uuid.uuid4().hex[:6]}",
+        "HPARENA_HARDWARE_CLASS": hw,
         "HPARENA_DEVICE": "cpu",
         "HPARENA_HEARTBEAT_SECONDS": "1",
         # As in test_stack: well above the heartbeat, so a live run on a loaded machine is never swept.

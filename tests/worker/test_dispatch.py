@@ -15,7 +15,7 @@ from app.dispatch import reconcile
 from app.submissions import runs as run_service
 from app.submissions.models import Run
 from tests.conftest import reset_caches
-from tests.factories import join, make_competition, make_organizer
+from tests.factories import cpu_class, join, make_competition, make_organizer
 
 REDIS = "redis://127.0.0.1:6379/15"
 
@@ -64,8 +64,10 @@ def test_a_submission_made_while_the_broker_is_down_is_kept_and_dispatched_when_
     assert queue["train.cpu"]["broker_messages"] == 2
 
 
-def test_the_reconciler_refills_a_redis_that_lost_its_queue(client, admin_headers, settings_env, monkeypatch):
+def test_the_reconciler_refills_a_redis_that_lost_its_queue(client, admin_headers, settings_env, database_url,
+                                                             monkeypatch):
     hw = f"t{uuid.uuid4().hex[:8]}"
+    cpu_class(database_url, hw)
     _use_broker(monkeypatch, REDIS)
     org = make_organizer(client, admin_headers)
     comp = make_competition(client, org, seeds=[0], hardware_class=hw)
