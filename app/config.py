@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +66,25 @@ class Settings(BaseSettings):
     refuse_delay_seconds: float = 5.0
     # Redis redelivers unacked messages after this; it must exceed the longest training budget.
     visibility_timeout_seconds: int = 12 * 3600
+    # Torch threads a worker trains with: its share of the node (app.hardware.thread_share). 0: the cores
+    # this process may run on (its CPU affinity, e.g. a container's cpuset), capped by its cgroup CPU quota.
+    # N workers on one node: give each its own cores (cpuset), or set this to cores / N.
+    worker_threads: int = Field(0, ge=0, le=1024)
+    # How long a worker's start-up device probe (python -m worker.probe) may take.
+    probe_timeout_seconds: float = 120.0
+
+    # Time limits (app.submissions.limits). A run may take time_limit_factor times its predicted device-seconds
+    # (never less than the floor, which also covers set-up: packing the dataset, building the model), capped
+    # by its budget's max_seconds plus an evaluation allowance (that share of max_seconds) plus the floor,
+    # and by time_limit_max_seconds. Past its soft limit the run is stopped and ends as `timeout`; if it is
+    # still not over grace seconds later (stuck in native code), its process is killed and replaced.
+    time_limit_factor: float = 3.0
+    time_limit_floor_seconds: float = 300.0
+    time_limit_eval_share: float = 0.5
+    time_limit_grace_seconds: float = 60.0
+    # The longest soft limit any run gets, and the limit of a run with neither a prediction nor max_seconds.
+    # Celery's own hard limit (app.queue) sits above it plus grace, below the visibility timeout.
+    time_limit_max_seconds: float = 10 * 3600
 
     @model_validator(mode="after")
     def _defaults_and_production_guard(self) -> Settings:
@@ -83,7 +102,16 @@ class Settings(BaseSettings):
                 raise ValueError("HPARENA_ADMIN_TOKEN must be set to a long random secret in production")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("production needs a server database (HPARENA_DATABASE_URL=postgresql+psycopg://...)")
+        if self.visibility_timeout_seconds <= self.task_time_limit_seconds:
+            raise ValueError("HPARENA_VISIBILITY_TIMEOUT_SECONDS must exceed the longest a run may take "
+                             f"({self.task_time_limit_seconds:g} s: HPARENA_TIME_LIMIT_MAX_SECONDS plus twice "
+                             "the grace), or Redis hands a running run to a second worker")
         return self
+
+    @property
+    def task_time_limit_seconds(self) -> float:
+        """Celery's hard limit for any task in the worker (app.queue): a backstop above every run's own."""
+        return self.time_limit_max_seconds + 2 * self.time_limit_grace_seconds
 
     @property
     def broker_dir(self) -> Path:

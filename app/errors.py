@@ -48,9 +48,33 @@ class RateLimited(DomainError):
         self.retry_after = retry_after
 
 
+class BudgetExceeded(DomainError):
+    """The entry's predicted device-seconds exceed what is left of the team's GPU-hour budget (app.costs).
+    The figures (device-seconds) go into the 429's body, so a client can say how much is left."""
+
+    def __init__(self, detail: str, *, budget_seconds: float, spent_seconds: float, reserved_seconds: float,
+                 remaining_seconds: float, predicted_seconds: float, cost_unit: str) -> None:
+        super().__init__(detail)
+        self.figures = {
+            "budget_gpu_hours": budget_seconds / 3600, "remaining_gpu_hours": remaining_seconds / 3600,
+            "remaining_seconds": remaining_seconds, "spent_seconds": spent_seconds,
+            "reserved_seconds": reserved_seconds, "predicted_seconds": predicted_seconds,
+            "predicted_gpu_hours": predicted_seconds / 3600, "cost_unit": cost_unit,
+        }
+
+
 class OutsideSearchSpace(DomainError):
     """A submitted config sets hyperparameters the competition does not allow, one violation each."""
 
     def __init__(self, violations: Sequence[Violation]) -> None:
         super().__init__("; ".join(v.message for v in violations))
         self.violations = tuple(violations)
+
+
+class InvalidField(DomainError):
+    """A request's field names something that does not exist (a hardware class nobody defined): a 422 located
+    at `field`, with the values it may take."""
+
+    def __init__(self, field: str, value: object, detail: str, allowed: Sequence[str]) -> None:
+        super().__init__(detail)
+        self.field, self.value, self.allowed = field, value, tuple(allowed)

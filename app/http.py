@@ -15,14 +15,16 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
+    BudgetExceeded,
     Conflict,
     DomainError,
     Forbidden,
+    InvalidField,
     NotFound,
     OutsideSearchSpace,
     QuotaExceeded,
@@ -34,6 +36,20 @@ from worker.engine.config import Violation
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class LimitErrorOut(ErrorOut):
+    """A 429. When the GPU-hour budget refused the entry (app.costs.check_budget), the figures too."""
+
+    budget_gpu_hours: float | None = Field(None, description="The team's GPU-hour budget in this competition.")
+    remaining_gpu_hours: float | None = Field(None, description="What is left of it: budget - spent - reserved.")
+    remaining_seconds: float | None = Field(None, description="The same, in device-seconds.")
+    spent_seconds: float | None = Field(None, description="Device-seconds charged for the team's finished runs.")
+    reserved_seconds: float | None = Field(None, description="Device-seconds predicted for its queued and running "
+                                                             "runs.")
+    predicted_seconds: float | None = Field(None, description="What this entry was predicted to cost.")
+    predicted_gpu_hours: float | None = None
+    cost_unit: str | None = Field(None, description="gpu-seconds, or cpu-seconds on a CPU hardware class.")
 
 
 class FieldError(BaseModel):
@@ -56,14 +72,18 @@ _DESCRIPTIONS = {
     409: "Conflicts with the current state",
     413: "Request body over the size limit",
     422: "A field is invalid: `loc` names it, `msg` says the allowed values",
-    429: "Quota used or rate limit hit; Retry-After says in how many seconds to try again",
+    429: "Quota used or rate limit hit (Retry-After says in how many seconds to try again), or the entry's "
+         "predicted cost exceeds what is left of the team's GPU-hour budget (the body says how much is left)",
 }
 
 
+_MODELS: dict[int, type[BaseModel]] = {422: ValidationErrorOut, 429: LimitErrorOut}
+
+
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for the error statuses a route can return (422 has the field-list body)."""
-    return {code: {"model": ValidationErrorOut if code == 422 else ErrorOut, "description": _DESCRIPTIONS[code]}
-            for code in codes}
+    """OpenAPI `responses` for the error statuses a route can return (422 has the field-list body, 429 the
+    budget's figures when the budget refused)."""
+    return {code: {"model": _MODELS.get(code, ErrorOut), "description": _DESCRIPTIONS[code]} for code in codes}
 
 
 # Routes that read a JSON body can also answer these before any handler runs.
@@ -138,7 +158,9 @@ STATUS_OF: dict[type[DomainError], int] = {
     Forbidden: 403,
     QuotaExceeded: 429,
     RateLimited: 429,
+    BudgetExceeded: 429,
     OutsideSearchSpace: 422,
+    InvalidField: 422,
 }
 
 
@@ -148,12 +170,19 @@ async def domain_error_handler(_request: Request, exc: DomainError) -> JSONRespo
         raise exc
     if isinstance(exc, OutsideSearchSpace):
         return JSONResponse({"detail": [_field_error(v) for v in exc.violations]}, status_code=status)
+    if isinstance(exc, InvalidField):
+        return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": exc.detail, "type": "unknown_value",
+                                         "input": json_echo(exc.value), "ctx": {"allowed": list(exc.allowed)}}]},
+                            status_code=status)
     headers = {}
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, QuotaExceeded | RateLimited) and exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
-    return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers or None)
+    body: dict[str, Any] = {"detail": exc.detail}
+    if isinstance(exc, BudgetExceeded):  # no Retry-After: waiting frees budget only if running runs end cheaper
+        body.update(exc.figures)
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def _field_error(v: Violation) -> dict[str, Any]:

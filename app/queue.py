@@ -50,6 +50,10 @@ def celery_config(settings: Settings) -> dict:
         # 10 s). This task writes its result to SQL, not through the pool, so there is nothing to wait for;
         # the parent should record the crash and requeue before the stale-heartbeat sweep acts.
         "worker_lost_wait": 1.0,
+        # Each run's own soft and hard limits are set by the task after its claim (a token names no run, so
+        # a message can't carry them; see worker.tasks). This is the parent's backstop above all of them, for
+        # a child whose watchdog is stuck too: the child is killed, the message acked, the run swept back.
+        "task_time_limit": settings.task_time_limit_seconds,
         # One message at a time per process: a GPU job must not sit prefetched behind another GPU job.
         "worker_prefetch_multiplier": 1,
         # One process per GPU.

@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from app.hardware import CLASS_NAME
 from app.names import Name, Title
 from worker.engine.config import Budget, Choices, DataSpec, ModelSpec, Range, effective_space
 
@@ -28,7 +29,8 @@ class CompetitionCreate(BaseModel):
     dataset: DataSpec = Field(default_factory=DataSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     budget: Budget = Field(default_factory=Budget)
-    hardware_class: str = Field("cpu", pattern=r"^[a-z0-9][a-z0-9_-]{0,48}$")
+    hardware_class: str = Field("cpu", pattern=CLASS_NAME, description=(
+        "The class every run is trained on: a defined one (GET /api/admin/hardware-classes), else 422."))
     search_space: dict[str, Range | Choices] = Field(
         default_factory=dict,
         description="Per-hyperparameter bounds {min,max} or {choices:[...]}; narrows the engine's own bounds.",

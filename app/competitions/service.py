@@ -12,6 +12,7 @@ from app.auth.service import create_user
 from app.competitions.models import Competition, Membership, Team
 from app.competitions.schemas import SLUG, CompetitionCreate
 from app.errors import Conflict, Forbidden, NotFound
+from app.hardware import require_class
 from app.names import name_key
 
 
@@ -31,6 +32,7 @@ def list_competitions(session: Session) -> list[Competition]:
 def create_competition(session: Session, data: CompetitionCreate, creator: User | None) -> Competition:
     if session.scalar(select(Competition.id).where(Competition.slug == data.slug)) is not None:
         raise Conflict(f"competition {data.slug!r} already exists")
+    require_class(session, data.hardware_class)
     comp = Competition(
         slug=data.slug,
         title=data.title,

@@ -29,9 +29,10 @@ def leaderboard(session: Session, competition_id: int) -> list[dict]:
                                        b.submission_id.asc())).label("rank"),
             Team.name.label("team"), b.team_id, b.submission_id, b.accuracy,
             (b.gpu_seconds / 3600.0).label("gpu_hours"), Team.submissions.label("submissions"),
-            b.submitted_at.label("best_at"),
+            b.submitted_at.label("best_at"), Submission.device_mismatch,
         )
         .join(Team, Team.id == b.team_id)
+        .join(Submission, Submission.id == b.submission_id)
         .where(b.competition_id == competition_id)
         .order_by("rank")
     )

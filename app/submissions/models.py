@@ -43,10 +43,12 @@ class FailureKind(StrEnum):
 
 
 TERMINAL = frozenset({RunStatus.succeeded, RunStatus.failed, RunStatus.diverged, RunStatus.cancelled})
-# The state machine: queued -> running -> terminal; queued -> cancelled; a dead worker's running run may be
-# re-claimed (running -> running, with attempts + 1), swept back (running -> queued), or given up (-> failed).
+# The state machine: queued -> running -> terminal; queued -> cancelled; queued -> succeeded for a run that
+# reuses an identical earlier run's result (app.submissions.dedup), at its submission; a dead worker's running
+# run may be re-claimed (running -> running, with attempts + 1), swept back (running -> queued), or given up
+# (-> failed).
 TRANSITIONS: dict[str, frozenset[str]] = {
-    RunStatus.queued: frozenset({RunStatus.running, RunStatus.cancelled, RunStatus.failed}),
+    RunStatus.queued: frozenset({RunStatus.running, RunStatus.cancelled, RunStatus.failed, RunStatus.succeeded}),
     RunStatus.running: frozenset({RunStatus.running, RunStatus.queued} | TERMINAL),
     **{s: frozenset() for s in TERMINAL},
 }

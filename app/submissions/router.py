@@ -5,13 +5,21 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Response, status
 from sqlalchemy.orm import Session
 
+from app import costs, eta
 from app.auth.dependencies import CurrentUser, SessionDep
 from app.competitions.service import get_competition, membership
 from app.http import BODY_ERRORS, error_responses
 from app.ratelimit import SubmitLimit
 from app.submissions import service
 from app.submissions.models import Submission
-from app.submissions.schemas import EpochOut, RunDetail, SubmissionCreate, SubmissionDetail, SubmissionOut
+from app.submissions.schemas import (
+    BudgetOut,
+    EpochOut,
+    RunDetail,
+    SubmissionCreate,
+    SubmissionDetail,
+    SubmissionOut,
+)
 
 router = APIRouter(prefix="/api", tags=["submissions"])
 SubmissionId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -31,13 +39,23 @@ def submit(slug: str, data: SubmissionCreate, _: SubmitLimit, session: SessionDe
     sub, created = service.create_submission(session, comp, member, user, data.config, idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return sub
+    return _out(session, sub)
+
+
+@router.get("/competitions/{slug}/budget", response_model=BudgetOut, responses=error_responses(401, 403, 404))
+def team_budget(slug: str, session: SessionDep, user: CurrentUser):
+    """The caller's team's GPU-hour budget in this competition: spent, reserved by unfinished runs, left."""
+    comp = get_competition(session, slug)
+    member = membership(session, comp, user)
+    return costs.budget_view(session, comp, member.team_id)
 
 
 @router.get("/submissions", response_model=list[SubmissionOut], responses=error_responses(401, 404, 422))
 def my_submissions(session: SessionDep, user: CurrentUser, competition: str | None = None):
     comp_id = get_competition(session, competition).id if competition else None
-    return service.list_own(session, user, comp_id)
+    subs = service.list_own(session, user, comp_id)
+    extra = eta.annotate_many(session, subs)
+    return [SubmissionOut.model_validate(s).model_copy(update=extra[s.id]) for s in subs]
 
 
 @router.get("/submissions/{submission_id}", response_model=SubmissionDetail,
@@ -54,6 +72,11 @@ def cancel_submission(submission_id: SubmissionId, session: SessionDep, user: Cu
     return _detail(session, service.cancel(session, sub))
 
 
+def _out(session: Session, sub: Submission) -> SubmissionOut:
+    """The submission with its cost unit, and its queue position and ETA while queued or running."""
+    return SubmissionOut.model_validate(sub).model_copy(update=eta.annotate(session, sub))
+
+
 def _detail(session: Session, sub: Submission) -> SubmissionDetail:
     epochs = service.epochs_by_run(session, [r.id for r in sub.runs])
     runs = []
@@ -62,4 +85,4 @@ def _detail(session: Session, sub: Submission) -> SubmissionDetail:
         detail.epochs = [EpochOut.model_validate(e) for e in epochs.get(r.id, [])]
         detail.result = service.participant_view(r.result)
         runs.append(detail)
-    return SubmissionDetail(**SubmissionOut.model_validate(sub).model_dump(), runs=runs)
+    return SubmissionDetail(**_out(session, sub).model_dump(), runs=runs)

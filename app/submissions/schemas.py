@@ -66,8 +66,11 @@ class RunOut(BaseModel):
     failure_kind: str | None = Field(description=FAILURE_KIND)
     predicted_seconds: float | None = Field(description="Device-seconds predicted at submission (see gpu_seconds).")
     charged_seconds: float | None = Field(description=CHARGED)
-    reused_from_run_id: int | None = Field(description="This run trained nothing: its result is that earlier "
-                                                       "run's, whose resolved spec is identical (dedup).")
+    reused_from_run_id: int | None = Field(description=(
+        "Set when this run trained nothing (dedup): its result, curve and accuracy are those of that earlier "
+        "run of the competition, whose resolved spec (config, data, model, budget, seed) is identical. Its "
+        "gpu_seconds is the original's measured figure, describing the result; it cost the team nothing "
+        "(charged_seconds 0, attempts 0), and its submission still counts toward the quota."))
     device_mismatch: str | None = Field(description="Why the device it ran on is not its competition's "
                                                     "hardware class (null: it is). The board flags such results.")
 
@@ -124,3 +127,22 @@ class SubmissionOut(BaseModel):
 
 class SubmissionDetail(SubmissionOut):
     runs: list[RunDetail]
+
+
+class BudgetOut(BaseModel):
+    """A team's GPU-hour budget in one competition, as its members see it (device-seconds: see GPU_SECONDS)."""
+
+    team_id: int
+    budget_gpu_hours: float | None = Field(description="The competition's per-team budget; null: unlimited.")
+    budget_seconds: float | None
+    spent_seconds: float = Field(description="Charged for the team's runs that are over (see charged_seconds).")
+    reserved_seconds: float = Field(description="Predicted for its queued and running runs: held until they end "
+                                                "and are charged what they measured.")
+    remaining_seconds: float | None = Field(description="budget - spent - reserved (never below 0); null: "
+                                                        "unlimited. An entry predicted to cost more is refused "
+                                                        "with 429.")
+    remaining_gpu_hours: float | None
+    cost_unit: str = Field(description="gpu-seconds, or cpu-seconds on a CPU hardware class.")
+    runs_charged: int = Field(description="The team's runs counted in spent_seconds (reused and refunded ones "
+                                          "count with 0).")
+    runs_unfinished: int = Field(description="Its queued and running runs, counted in reserved_seconds.")

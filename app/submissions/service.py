@@ -19,7 +19,7 @@ from app.dispatch import wake_after_commit
 from app.errors import Conflict, NotFound, OutsideSearchSpace, QuotaExceeded
 from app.leaderboard.service import note_submission
 from app.submissions import dedup
-from app.submissions.models import TERMINAL, EpochMetric, Run, RunStatus, Submission
+from app.submissions.models import TERMINAL, EpochMetric, FailureKind, Run, RunStatus, Submission
 from worker.engine.config import RunSpec, TrainConfig, check_in_space
 from worker.engine.result import TrainResult
 
@@ -34,10 +34,14 @@ def check_open(comp: Competition, now: datetime) -> None:
 
 
 def check_quota(session: Session, comp: Competition, team_id: int, now: datetime) -> None:
-    """Call with the team row locked (lock_team), so parallel POSTs can't all fit one last slot."""
+    """Call with the team row locked (lock_team), so parallel POSTs can't all fit one last slot. A submission
+    that failed for the infrastructure's reasons is refunded: it does not count."""
     if comp.submission_quota is None:
         return
-    q = select(Submission.created_at).where(Submission.team_id == team_id).order_by(Submission.created_at)
+    q = (select(Submission.created_at)
+         .where(Submission.team_id == team_id,
+                Submission.failure_kind.is_distinct_from(FailureKind.infrastructure.value))
+         .order_by(Submission.created_at))
     if comp.quota_window_hours:
         q = q.where(Submission.created_at > now - timedelta(hours=comp.quota_window_hours))
     used = session.scalars(q).all()
@@ -159,14 +163,24 @@ def epochs_by_run(session: Session, run_ids: list[int]) -> dict[int, list[EpochM
 
 
 def cancel(session: Session, sub: Submission) -> Submission:
-    """Cancel every queued or running run. A running worker notices at its next heartbeat and stops."""
+    """Cancel every queued or running run. A running worker notices at its next heartbeat and stops. A run
+    cancelled while running is charged its wall time from its start to now; one cancelled while queued,
+    nothing."""
     lock_submission(session, sub.id)
-    result = session.execute(
-        update(Run)
-        .where(Run.submission_id == sub.id, Run.status.in_([RunStatus.queued, RunStatus.running]))
-        .values(status=RunStatus.cancelled, finished_at=utcnow(), error="cancelled by participant")
-    )
-    if result.rowcount == 0:
+    now = utcnow()
+    live = session.execute(select(Run.id, Run.status, Run.attempts, Run.started_at).where(
+        Run.submission_id == sub.id, Run.status.in_([RunStatus.queued, RunStatus.running]))).all()
+    cancelled = 0
+    for run in live:
+        running = run.status == RunStatus.running and run.started_at is not None
+        charged = max(0.0, (now - run.started_at).total_seconds()) if running else 0.0
+        # Guarded by what was read: on SQLite nothing is locked, and the worker may have just finished it.
+        cancelled += session.execute(
+            update(Run).where(Run.id == run.id, Run.status == run.status, Run.attempts == run.attempts)
+            .values(status=RunStatus.cancelled, finished_at=now, error="cancelled by participant",
+                    charged_seconds=charged)
+        ).rowcount
+    if cancelled == 0:
         raise Conflict(f"submission {sub.id} is already {sub.status}")
     refresh_submission(session, sub.id)
     return sub

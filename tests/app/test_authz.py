@@ -67,6 +67,9 @@ MATRIX: dict[tuple[str, str], tuple] = {
         (401, 201, 201, 403, 403, 403)),
     ("get", "/api/competitions/{slug}/leaderboard"): (lambda w: (f"/api/competitions/{w.slug}/leaderboard", None),
                                                       (200, 200, 200, 200, 200, 200)),
+    # A team's budget is seen by its members (each team its own); organizers and admins are not members.
+    ("get", "/api/competitions/{slug}/budget"): (lambda w: (f"/api/competitions/{w.slug}/budget", None),
+                                                 (401, 200, 200, 403, 403, 403)),
     ("get", "/api/submissions"): (lambda w: ("/api/submissions", None), (401, 200, 200, 200, 200, 200)),
     # A submission is its team's: anyone else gets the same 404 as for an id that does not exist.
     ("get", "/api/submissions/{submission_id}"): (lambda w: (f"/api/submissions/{w.submission_id}", None),
@@ -80,6 +83,13 @@ MATRIX: dict[tuple[str, str], tuple] = {
                                    (401, 403, 403, 403, 403, 201)),
     ("get", "/api/admin/workers"): (lambda w: ("/api/admin/workers", None), (401, 403, 403, 403, 403, 200)),
     ("get", "/api/admin/audit"): (lambda w: ("/api/admin/audit", None), (401, 403, 403, 403, 403, 200)),
+    # Organizers read the classes (they name one in each competition); only admins define them.
+    ("get", "/api/admin/hardware-classes"): (lambda w: ("/api/admin/hardware-classes", None),
+                                             (401, 403, 403, 200, 200, 200)),
+    ("put", "/api/admin/hardware-classes/{name}"): (
+        lambda w: (f"/api/admin/hardware-classes/{w.slug}", {"device_type": "cpu", "train_images_per_sec": 10,
+                                                             "eval_images_per_sec": 40}),
+        (401, 403, 403, 403, 403, 201)),
     ("post", "/api/admin/users/{user_id}/token"): (lambda w: (f"/api/admin/users/{w.target_user_id}/token", None),
                                                    (401, 403, 403, 403, 403, 200)),
     ("delete", "/api/admin/users/{user_id}/token"): (

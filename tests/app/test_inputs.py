@@ -150,12 +150,12 @@ def test_a_non_finite_body_leaves_the_connection_usable(tmp_path):
     import httpx
 
     from app import migrate
-    from tests.e2e.test_stack import _free_port
+    from tests.e2e.services import free_port
     from worker.processes import spawn, stop, wait_http
 
     db = f"sqlite:///{tmp_path / 'api.db'}"
     migrate.upgrade(db)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HPARENA_DATABASE_URL": db, "HPARENA_VAR_DIR": str(tmp_path), "HPARENA_ADMIN_TOKEN": "t"}
     proc = spawn([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port)], tmp_path / "api.log", env=env)
     try:

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import uuid
 
 import pytest
 
 from tests.conftest import _drop_pg_database, _pg_database
+from tests.e2e.services import free_port
 from tests.factories import cpu_class
 from worker.processes import spawn, stop, wait_http
 
 REDIS_URL = os.environ.get("HPARENA_TEST_REDIS", "redis://127.0.0.1:6379/15")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(params=["filesystem+sqlite", "redis+postgresql"])
@@ -47,7 +41,7 @@ def stack(request, tmp_path, tiny_cifar):
         "HPARENA_STALE_AFTER_SECONDS": "15",
         "HPARENA_SWEEP_SECONDS": "1",
     }
-    port = _free_port()
+    port = free_port()
     from app import migrate
 
     migrate.upgrade(db_url)

@@ -105,9 +105,8 @@ def stack(tmp_path, tiny_cifar, redis_server, pg_cluster):
         "HPARENA_STALE_AFTER_SECONDS": "15",
         "HPARENA_SWEEP_SECONDS": "1",
         "HPARENA_RATE_LIMIT_ENABLED": "false",
-        # Two workers share two cores: one thread each.
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
+        # Two workers share two cores: one thread each (their share, as a cpuset of one core each would give).
+        "HPARENA_WORKER_THREADS": "1",
     }
     engine = create_engine(db_url, pool_pre_ping=True)
     s = Stack(url=f"http://127.0.0.1:{port}", port=port, db_url=db_url, env=env, logs=tmp_path, redis=redis_server,

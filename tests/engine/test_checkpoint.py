@@ -74,6 +74,10 @@ def test_a_run_resumed_after_a_crash_equals_the_uninterrupted_run(tmp_path):
     assert resumed.resumed is not None and (resumed.resumed.epochs, resumed.resumed.steps) == (2, 8)
     assert len(resumed.resumed.earlier_attempt_seconds) == 1
     assert resumed.device_seconds > sum(resumed.resumed.earlier_attempt_seconds)
+    # The lost attempt's share: its two epochs' training and evaluation, as the phase counters carried on.
+    t = resumed.timings
+    assert resumed.device_seconds == pytest.approx(t.train_seconds + t.eval_seconds)
+    assert resumed.history[1].seconds <= resumed.resumed.earlier_attempt_seconds[0] < resumed.device_seconds
     # The caller hears which epochs came back (to show the curve again) and then only the new ones.
     (resume,) = [e for e in events if isinstance(e, ResumeEvent)]
     assert (resume.epochs_done, [row.epoch for row in resume.history]) == (2, [1, 2])

@@ -3,7 +3,6 @@ and the fair order in which tokens claim runs. Nothing here trains: tokens and c
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 
@@ -15,15 +14,10 @@ from app.dispatch import reconcile
 from app.submissions import runs as run_service
 from app.submissions.models import Run
 from tests.conftest import reset_caches
+from tests.e2e.services import free_port
 from tests.factories import cpu_class, join, make_competition, make_organizer
 
 REDIS = "redis://127.0.0.1:6379/15"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _use_broker(monkeypatch, url: str) -> None:
@@ -43,7 +37,7 @@ def test_a_submission_made_while_the_broker_is_down_is_kept_and_dispatched_when_
     org = make_organizer(client, admin_headers)
     comp = make_competition(client, org, seeds=[0, 1])
     student = join(client, comp["slug"])
-    _use_broker(monkeypatch, f"redis://127.0.0.1:{_free_port()}/0")  # nothing listens there
+    _use_broker(monkeypatch, f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     t0 = time.perf_counter()
     sid = _submit(client, comp["slug"], student)
     assert time.perf_counter() - t0 < 15

@@ -16,7 +16,6 @@ in place.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +106,10 @@ def _write(s: Setup, p: Progress) -> None:
                      "train_seconds": p.train_seconds, "epoch_eval_seconds": p.epoch_eval_seconds,
                      "compile_seconds": p.compile_seconds, "last_loss": p.last_loss, "micro": p.micro,
                      "stop_reason": p.stop_reason.value, "history": [row.model_dump() for row in p.history]},
-        "attempt_seconds": [*p.earlier_attempt_seconds, time.perf_counter() - s.t_start],
+        # This attempt's device-seconds so far, measured as TrainResult.device_seconds is (the phase counters
+        # above already include the earlier attempts').
+        "attempt_seconds": [*p.earlier_attempt_seconds,
+                            max(0.0, p.train_seconds + p.epoch_eval_seconds - sum(p.earlier_attempt_seconds))],
     })
 
 

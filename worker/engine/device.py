@@ -23,7 +23,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if str(device) == "auto" else device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise EngineError(f"device {device!r} requested but CUDA is not available on this machine")
+            raise EngineError(f"device {device!r} requested but CUDA is not available on this machine",
+                              kind="infrastructure")
         if dev.index is None:  # set_device and memory stats need an index: the process's current GPU
             dev = torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -81,7 +82,8 @@ def device_info(device: torch.device) -> DeviceInfo:
         props = torch.cuda.get_device_properties(device)
         return DeviceInfo(type="cuda", name=props.name, memory_bytes=props.total_memory,
                           capability=f"{props.major}.{props.minor}")
-    return DeviceInfo(type="cpu", name=cpu_name(), threads=torch.get_num_threads())
+    return DeviceInfo(type="cpu", name=cpu_name(), threads=torch.get_num_threads(),
+                      cpu_capability=torch.backends.cpu.get_cpu_capability())
 
 
 def cpu_name() -> str:

@@ -37,7 +37,18 @@ class StopRequested(Exception):  # noqa: N818 - it is a request, not an error
 
 
 class EngineError(RuntimeError):
-    """A run that cannot proceed, with a message meant for the participant."""
+    """A run that cannot proceed, with a message meant for the participant.
+
+    `kind` says whose doing it is, which decides who pays for the run: "config" (the run's own config, as
+    out of memory at micro-batch 1: charged) or "infrastructure" (the machine, as a GPU that is not there:
+    retried, then refunded). The worker stores it as the run's failure kind, whose values these are."""
+
+    def __init__(self, message: str, kind: Literal["config", "infrastructure"] = "config"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # pickled with its kind (the pool sends a child's exception to its parent)
+        return type(self), (str(self), self.kind)
 
 
 class Outcome(StrEnum):
@@ -172,6 +183,10 @@ class CompileInfo(_Data):
 
 
 class Timings(_Data):
+    """Wall seconds of each phase. Training and evaluation phases end with the device synchronised, so
+    queued GPU work is inside the phase that queued it; train and eval count every attempt of the run (an
+    earlier attempt's up to its last checkpoint). Setup (model, data onto the device) is this attempt's."""
+
     setup_seconds: float
     train_seconds: float  # every epoch trained, including those an earlier attempt checkpointed
     eval_seconds: float  # per-epoch plus final evaluation
@@ -184,6 +199,7 @@ class DeviceInfo(_Data):
     memory_bytes: int | None = None
     capability: str | None = None  # CUDA compute capability
     threads: int | None = None  # CPU intra-op threads
+    cpu_capability: str | None = None  # CPU devices: the ATen CPU kernels in use (DEFAULT, AVX2, AVX512, ...)
 
 
 class Versions(_Data):
@@ -200,7 +216,8 @@ class Resumed(_Data):
 
     epochs: int  # whole epochs the checkpoint held
     steps: int
-    earlier_attempt_seconds: list[float]  # each earlier attempt's device-seconds, up to its last checkpoint
+    earlier_attempt_seconds: list[float]  # each earlier attempt's device-seconds (training and evaluation,
+    # measured as device_seconds is), up to its last checkpoint
 
 
 class TestSplit(_Data):
@@ -243,7 +260,9 @@ class TrainResult(_Data):
     evaluated_weights: Literal["raw", "ema", "swa"] | None = None
     images_per_sec: float | None
     timings: Timings
-    device_seconds: float  # device held from setup to the last evaluation, all attempts: what the run cost
+    # What the run cost: timings.train_seconds + timings.eval_seconds (all attempts; setup not counted).
+    # GPU-seconds on a GPU, CPU-seconds on a CPU.
+    device_seconds: float
     resumed: Resumed | None = None
     device: DeviceInfo
     peak_memory_bytes: int

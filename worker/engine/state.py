@@ -45,7 +45,6 @@ class Setup:
     effective_batch: int
     steps_per_epoch: int
     check_every: int  # steps between looks at the loss and the clock
-    t_start: float
     setup_seconds: float
     checkpoint_dir: Path | None  # where whole epochs' state is saved, if anywhere
     checkpoint_every: float  # seconds at least between two checkpoints (0: after every epoch)

@@ -118,7 +118,6 @@ def _setup(spec: RunSpec, data: Dataset, device: torch.device, t_start: float,
         steps_per_epoch=len(train_y) // effective_batch,  # drop the ragged last batch: every step the same shape
         # CUDA runs asynchronously: only look at loss and clock every few steps so the GPU never waits on us.
         check_every=1 if device.type == "cpu" else 10,
-        t_start=t_start,
         setup_seconds=time.perf_counter() - t_start,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
@@ -150,7 +149,7 @@ def train(spec: RunSpec, data: Dataset, device: str | torch.device = "auto",
             _train_epoch(s, p, epoch, data, emit)
     except StopRequested:
         p.stop_reason = StopReason.cancelled
-    return _final_result(s, p, data, t_start)
+    return _final_result(s, p, data)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,7 +274,7 @@ def _train_epoch(s: Setup, p: Progress, epoch: int, data: Dataset, emit: Callabl
     if s.spec.eval_every_epoch:
         t_eval = time.perf_counter()
         logits = _predict(s, eval_model(s.model, s.ema, s.swa, final=False), data.test_x[s.public_idx], "none")
-        test_accuracy = (logits.argmax(1) == data.test_y[s.public_idx]).float().mean().item()
+        test_accuracy = (logits.argmax(1) == data.test_y[s.public_idx]).float().mean().item()  # .item(): synced
         p.epoch_eval_seconds += time.perf_counter() - t_eval
     event = EpochEvent(epoch=epoch + 1, epochs=s.epochs, train_loss=p.last_loss, steps=steps_this_epoch,
                        partial=partial, lr=s.optimizer.param_groups[0]["lr"], seconds=p.train_seconds,
@@ -298,7 +297,7 @@ def _predict(s: Setup, model: nn.Module, x: torch.Tensor, tta: str) -> torch.Ten
 # ----------------------------------------------------------------------------------------------------
 
 
-def _final_result(s: Setup, p: Progress, data: Dataset, t_start: float) -> TrainResult:
+def _final_result(s: Setup, p: Progress, data: Dataset) -> TrainResult:
     t_eval = time.perf_counter()
     status = p.stop_reason.outcome
     metrics = logits16 = None
@@ -326,9 +325,10 @@ def _final_result(s: Setup, p: Progress, data: Dataset, t_start: float) -> Train
         images_per_sec=p.images_seen / p.train_seconds if p.train_seconds else None,
         timings=Timings(setup_seconds=s.setup_seconds, train_seconds=p.train_seconds, eval_seconds=eval_seconds,
                         epoch_eval_seconds=p.epoch_eval_seconds),
-        # The device was held from setup to the last evaluation, in this attempt and (up to their last
-        # checkpoints) in the earlier ones this run resumed from: that is what the run cost.
-        device_seconds=sum(p.earlier_attempt_seconds) + time.perf_counter() - t_start,
+        # What the run cost, measured the same way on every worker: the training and evaluation phases, each
+        # ending with the device synchronised; setup is not counted. train_seconds and epoch_eval_seconds
+        # carry on from the checkpoint, so earlier attempts' work (up to their last checkpoint) is included.
+        device_seconds=p.train_seconds + eval_seconds,
         resumed=None if p.resumed_at is None else Resumed(
             epochs=p.resumed_at[0], steps=p.resumed_at[1], earlier_attempt_seconds=p.earlier_attempt_seconds),
         device=device_info(s.device),
