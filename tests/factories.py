@@ -57,6 +57,13 @@ def join(client, slug, name="alice", team=None, invite_code=None) -> dict[str, s
     return {"Authorization": f"Bearer {r.json()['token']}", "X-Invite-Code": r.json()["invite_code"]}
 
 
+def submit(client, comp: dict, headers: dict[str, str], expect: int = 201, **config) -> dict:
+    """POST a submission of `config` to competition `comp`; asserts the status and returns the body."""
+    r = client.post(f"/api/competitions/{comp['slug']}/submissions", json={"config": config}, headers=headers)
+    assert r.status_code == expect, r.text
+    return r.json()
+
+
 def cpu_class(database_url: str, name: str, **overrides) -> None:
     """A hardware class any CPU serves, under a name of the test's own (a queue no other test shares)."""
     from sqlalchemy.orm import Session

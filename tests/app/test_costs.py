@@ -16,7 +16,7 @@ from app.admin.service import upsert_node
 from app.db import session_scope, utcnow
 from app.submissions import runs as run_service
 from app.submissions.models import Run
-from tests.factories import cpu_class, join, make_competition, make_organizer
+from tests.factories import cpu_class, join, make_competition, make_organizer, submit
 from worker.engine.result import TrainResult
 
 PRIOR_TRAIN, PRIOR_EVAL = 400.0, 1500.0  # tests.factories.cpu_class's prior (width 64, 32 px)
@@ -43,12 +43,6 @@ def contest(client, admin_headers, tiny_cifar):
         kw.setdefault("budget", {"max_epochs": 2})
         return make_competition(client, org, **kw)
     return make
-
-
-def _submit(client, comp, student, expect=201, **config):
-    r = client.post(f"/api/competitions/{comp['slug']}/submissions", json={"config": config}, headers=student)
-    assert r.status_code == expect, r.text
-    return r.json()
 
 
 def _get(client, sub, student):
@@ -83,7 +77,7 @@ def test_prediction_from_the_class_prior_scaled_for_width(client, contest, hw):
     comp = contest(hardware_class=hw, model={"arch": "resnet18", "width": 16},
                    dataset={"name": "cifar10", "train_subset": 1000, "test_subset": 200})
     student = join(client, comp["slug"])
-    sub = _submit(client, comp, student, batch_size=64, epochs=2, tta="flip")
+    sub = submit(client, comp, student, batch_size=64, epochs=2, tta="flip")
     scale = _cost(16)  # 1/16 of the prior's compute per image, and the fixed part
     want = _by_hand(PRIOR_TRAIN / scale, PRIOR_EVAL / scale, epochs=2, batch=64, n_train=1000, n_test=200,
                     tta_views=2)
@@ -98,7 +92,7 @@ def test_prediction_from_the_class_prior_scaled_for_width(client, contest, hw):
 def test_unknown_dataset_size_is_priced_as_cifar10(client, contest, hw):
     comp = contest(hardware_class=hw)  # the tiny tarball, no subsets: its size is unknown until a run loads it
     student = join(client, comp["slug"])
-    sub = _submit(client, comp, student, batch_size=100, epochs=1, tta="none")
+    sub = submit(client, comp, student, batch_size=100, epochs=1, tta="none")
     scale = _cost(8)
     assert sub["predicted_seconds"] == pytest.approx(
         _by_hand(PRIOR_TRAIN / scale, PRIOR_EVAL / scale, epochs=1, batch=100, n_train=50_000, n_test=10_000,
@@ -110,7 +104,7 @@ def test_time_budget_caps_the_training_part(client, contest, hw):
                    dataset={"name": "cifar10", "train_subset": 2000, "test_subset": 100},
                    budget={"max_epochs": 4, "max_seconds": 3.0})
     student = join(client, comp["slug"])
-    sub = _submit(client, comp, student, batch_size=100, epochs=4, tta="none")
+    sub = submit(client, comp, student, batch_size=100, epochs=4, tta="none")
     # Uncapped training would take 4 x 2000 / 400 = 20 s; the budget stops it after 3 s, within its first
     # epoch, so one per-epoch evaluation runs.
     assert sub["predicted_seconds"] == pytest.approx(3.0 + (50 * 1 + 100) / PRIOR_EVAL)
@@ -121,7 +115,7 @@ def test_a_finished_run_teaches_the_table_and_prices_the_next_submission(client,
     comp = contest()  # class "cpu": what a task applied in this process serves
     student = join(client, comp["slug"])
     prior = db.get(HardwareClass, "cpu")
-    first = _submit(client, comp, student, lr=0.05, batch_size=32, epochs=2)
+    first = submit(client, comp, student, lr=0.05, batch_size=32, epochs=2)
     scale = _cost(8)
     assert first["predicted_seconds"] == pytest.approx(_by_hand(
         prior.train_images_per_sec / scale, prior.eval_images_per_sec / scale, epochs=2, batch=32,
@@ -145,7 +139,7 @@ def test_a_finished_run_teaches_the_table_and_prices_the_next_submission(client,
 
     # The same shape again (another lr, so it is no dedup hit): the table and the dataset size the first run
     # loaded (300 / 100) predict exactly what the first run measured.
-    second = _submit(client, comp, student, lr=0.06, batch_size=32, epochs=2)
+    second = submit(client, comp, student, lr=0.06, batch_size=32, epochs=2)
     assert second["predicted_seconds"] == pytest.approx(result.device_seconds)
     assert second["predicted_seconds"] == pytest.approx(_by_hand(
         row.train_images_per_sec, row.eval_images_per_sec, epochs=2, batch=32, n_train=300, n_test=100))
@@ -161,12 +155,12 @@ def test_a_finished_run_teaches_the_table_and_prices_the_next_submission(client,
 def test_a_measured_width_scales_to_another_width(client, db, contest):
     comp8 = contest(model={"arch": "resnet18", "width": 8})
     student8 = join(client, comp8["slug"])
-    _submit(client, comp8, student8, batch_size=32, epochs=1)
+    submit(client, comp8, student8, batch_size=32, epochs=1)
     assert _wake() == "succeeded"
     row = db.scalars(select(Throughput)).one()
     comp16 = contest(model={"arch": "resnet18", "width": 16},
                      dataset={"name": "cifar10", "train_subset": 200, "test_subset": 100})
-    sub = _submit(client, comp16, join(client, comp16["slug"]), batch_size=32, epochs=1)
+    sub = submit(client, comp16, join(client, comp16["slug"]), batch_size=32, epochs=1)
     # Not measured at width 16: the width-8 row, scaled by the relative cost (4x the compute per image).
     slower = _cost(16) / _cost(8)
     assert sub["predicted_seconds"] == pytest.approx(_by_hand(
@@ -184,7 +178,7 @@ def test_two_measured_widths_give_the_line_between_them(client, db, contest, hw)
     db.commit()
     comp = contest(hardware_class=hw, model={"arch": "resnet18", "width": 12},
                    dataset={"name": "cifar10", "train_subset": 1000, "test_subset": 200})
-    sub = _submit(client, comp, join(client, comp["slug"]), batch_size=100, epochs=2)
+    sub = submit(client, comp, join(client, comp["slug"]), batch_size=100, epochs=2)
     at = (9 / 256 - 1 / 64) / (1 / 16 - 1 / 64)  # how far width 12 is from 8 towards 16, in compute
     train, evaluate = 0.002 + at * 0.001, 0.0005 + at * 0.0003
     assert sub["predicted_seconds"] == pytest.approx(_by_hand(1 / train, 1 / evaluate, epochs=2, batch=100,
@@ -201,11 +195,11 @@ def test_a_batch_size_not_measured_lies_between_two_that_were(client, db, contes
     db.commit()
     comp = contest(hardware_class=hw, dataset={"name": "cifar10", "train_subset": 1000, "test_subset": 200})
     student = join(client, comp["slug"])
-    sub = _submit(client, comp, student, batch_size=64, epochs=2)
+    sub = submit(client, comp, student, batch_size=64, epochs=2)
     assert sub["predicted_seconds"] == pytest.approx(_by_hand(1 / 0.003, 1 / ((0.001 + 3 * 0.0007) / 4), epochs=2,
                                                               batch=64, n_train=1000, n_test=200))
     # A batch size beyond both: the same line (the per-step part shrinks towards the per-image part).
-    sub = _submit(client, comp, student, batch_size=100, epochs=2)  # 2 + 64 / 100 = 2.64 ms
+    sub = submit(client, comp, student, batch_size=100, epochs=2)  # 2 + 64 / 100 = 2.64 ms
     assert sub["predicted_seconds"] == pytest.approx(_by_hand(1 / 0.00264, 1 / ((0.001 + 3 * 0.0007) / 4),
                                                               epochs=2, batch=100, n_train=1000, n_test=200))
 
@@ -223,7 +217,7 @@ def test_entry_over_the_remaining_budget_is_refused_with_what_is_left(client, db
     assert (view["spent_seconds"], view["reserved_seconds"], view["runs_charged"]) == (0, 0, 0)
     assert view["cost_unit"] == "cpu-seconds"
 
-    first = _submit(client, comp, student, batch_size=100, epochs=2)
+    first = submit(client, comp, student, batch_size=100, epochs=2)
     predicted = first["predicted_seconds"]
     assert predicted == pytest.approx(_by_hand(PRIOR_TRAIN, PRIOR_EVAL, epochs=2, batch=100, n_train=1000,
                                                n_test=200))
@@ -248,18 +242,18 @@ def test_entry_over_the_remaining_budget_is_refused_with_what_is_left(client, db
     assert _budget(client, comp, student)["runs_unfinished"] == 1
 
     # A cheaper entry that fits is taken.
-    _submit(client, comp, student, batch_size=100, epochs=1)
+    submit(client, comp, student, batch_size=100, epochs=1)
 
 
 def test_a_cancelled_queued_entry_frees_its_reservation(client, contest, hw):
     comp = contest(hardware_class=hw, model={"arch": "resnet18", "width": 64}, gpu_hour_budget=10 / 3600,
                    dataset={"name": "cifar10", "train_subset": 1000, "test_subset": 200})
     student = join(client, comp["slug"])
-    first = _submit(client, comp, student, batch_size=100, epochs=2)
-    _submit(client, comp, student, expect=429, batch_size=100, epochs=2, lr=0.3)
+    first = submit(client, comp, student, batch_size=100, epochs=2)
+    submit(client, comp, student, expect=429, batch_size=100, epochs=2, lr=0.3)
     assert client.post(f"/api/submissions/{first['id']}/cancel", headers=student).status_code == 200
     assert _budget(client, comp, student)["reserved_seconds"] == 0
-    _submit(client, comp, student, batch_size=100, epochs=2, lr=0.3)
+    submit(client, comp, student, batch_size=100, epochs=2, lr=0.3)
 
 
 def test_budget_view_without_a_budget(client, contest, hw):
@@ -277,7 +271,7 @@ def test_the_actual_cost_is_charged_on_completion(client, db, contest):
     comp = contest(gpu_hour_budget=1.0)
     student = join(client, comp["slug"])
     other = join(client, comp["slug"], name="bob")
-    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    sub = submit(client, comp, student, batch_size=32, epochs=1)
     before = _budget(client, comp, student)
     assert before["reserved_seconds"] == pytest.approx(sub["predicted_seconds"]) and before["spent_seconds"] == 0
     assert _wake() == "succeeded"
@@ -304,8 +298,8 @@ def test_queue_position_and_eta_from_live_workers(client, db, contest, hw):
     comp = contest(hardware_class=hw, dataset={"name": "cifar10", "train_subset": 1000, "test_subset": 200})
     queue = f"train.{hw}"
     alice, bob = join(client, comp["slug"], name="alice"), join(client, comp["slug"], name="bob")
-    a = [_submit(client, comp, alice, batch_size=100, epochs=e) for e in (1, 2, 1)]
-    b = _submit(client, comp, bob, batch_size=100, epochs=2)
+    a = [submit(client, comp, alice, batch_size=100, epochs=e) for e in (1, 2, 1)]
+    b = submit(client, comp, bob, batch_size=100, epochs=2)
     pa, pb = [s["predicted_seconds"] for s in a], b["predicted_seconds"]
     assert pa[0] != pa[1]
 
@@ -360,7 +354,7 @@ def test_queue_positions_follow_the_order_workers_claim_in(client, db, contest, 
     teams = [join(client, comp["slug"], name=n) for n in ("ann", "ben", "cat")]
     subs = []
     for who, n in ((0, 4), (1, 2), (2, 1), (0, 1), (1, 1)):
-        subs += [(teams[who], _submit(client, comp, teams[who], batch_size=64, epochs=1 + len(subs) % 2))
+        subs += [(teams[who], submit(client, comp, teams[who], batch_size=64, epochs=1 + len(subs) % 2))
                  for _ in range(n)]
     for k in range(len(subs)):
         shown = {sub["id"]: _get(client, sub, head) for head, sub in subs}

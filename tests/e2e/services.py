@@ -153,3 +153,14 @@ class PgCluster:
             return (self.dir / "server.log").read_text()[-chars:]
         except OSError:
             return ""
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path):
+    """Poll `predicate` until it returns something truthy (returned); past `timeout` fail, showing `log`'s tail."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; log tail:\n{log.read_text()[-4000:]}")

@@ -11,26 +11,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.e2e.services import wait_for
 from tests.e2e.test_stack import ADMIN
 from worker.processes import spawn, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def _wait(predicate, timeout: float, what: str, log: Path):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; worker log tail:\n{log.read_text()[-4000:]}")
 
 
 def _children(proc: subprocess.Popen) -> list[int]:
@@ -73,11 +65,11 @@ def test_a_hung_run_ends_as_timeout_and_the_worker_trains_the_next(stack, tmp_pa
             return http.get(f"/api/submissions/{sid}", headers=headers).json()["runs"][0]
 
         stuck = submit("hang", hung)
-        _wait(lambda: run_of(stuck, hung)["status"] == "running", 180, "the hung run to start", log)
+        wait_for(lambda: run_of(stuck, hung)["status"] == "running", 180, "the hung run to start", log)
         child = _children(worker)
         nxt = submit("next", normal)  # waits behind the hung run: the worker trains one run at a time
 
-        run = _wait(lambda: (r := run_of(stuck, hung))["status"] not in ("queued", "running") and r, 120,
+        run = wait_for(lambda: (r := run_of(stuck, hung))["status"] not in ("queued", "running") and r, 120,
                     "the hung run to time out", log)
         assert (run["status"], run["failure_kind"], run["attempts"]) == ("failed", "timeout", 1), run
         assert run["error"].startswith("ran past its time limit of ") and "process was killed" not in run["error"]
@@ -85,7 +77,7 @@ def test_a_hung_run_ends_as_timeout_and_the_worker_trains_the_next(stack, tmp_pa
         assert 15 <= limit <= 17 and limit <= run["charged_seconds"] < limit + 10
         print(f"\nhung run: {run['error']}; charged {run['charged_seconds']:.1f} s")
 
-        done = _wait(lambda: (r := run_of(nxt, normal))["status"] not in ("queued", "running") and r, 240,
+        done = wait_for(lambda: (r := run_of(nxt, normal))["status"] not in ("queued", "running") and r, 240,
                      "the next run to finish", log)
         assert done["status"] == "succeeded" and done["worker_hostname"].startswith("limited@"), done
         assert _children(worker) == child  # the same pool child: the soft limit left it healthy

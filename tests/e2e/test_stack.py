@@ -14,20 +14,14 @@ import time
 import httpx
 import pytest
 
+from tests.e2e.services import wait_for
 from tests.factories import cpu_class
 from worker.processes import spawn, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 def _wait(predicate, timeout, what, logs):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    worker_log = (logs / "worker.log").read_text()[-3000:]
-    raise AssertionError(f"timed out waiting for {what}; worker log tail:\n{worker_log}")
+    return wait_for(predicate, timeout, what, logs / "worker.log")
 
 
 def _first_epoch(http: httpx.Client, stack: dict, student: dict, sid: int) -> dict:

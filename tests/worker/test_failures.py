@@ -24,7 +24,7 @@ from app.queue import queue_depth
 from app.submissions import runs as run_service
 from app.submissions.limits import time_limits
 from app.submissions.models import EpochMetric, Run
-from tests.factories import join, make_competition, make_organizer
+from tests.factories import join, make_competition, make_organizer, submit
 from worker.engine.config import Budget
 
 
@@ -36,12 +36,6 @@ def contest(client, admin_headers, tiny_cifar):
         comp = make_competition(client, org, seeds=list(seeds), budget=budget or {"max_epochs": 2}, **kw)
         return comp, join(client, comp["slug"])
     return make
-
-
-def _submit(client, comp, student, expect=201, **config):
-    r = client.post(f"/api/competitions/{comp['slug']}/submissions", json={"config": config}, headers=student)
-    assert r.status_code == expect, r.text
-    return r.json()
 
 
 def _detail(client, sub, student):
@@ -97,7 +91,7 @@ def test_time_limits_follow_the_prediction_the_floor_and_the_budget():
 @pytest.mark.slow
 def test_a_config_failure_is_charged_and_counts_toward_the_quota(client, db, contest):
     comp, student = contest(submission_quota=1)
-    sub = _submit(client, comp, student, batch_size=32, epochs=1, precision="fp16")  # this worker is a CPU
+    sub = submit(client, comp, student, batch_size=32, epochs=1, precision="fp16")  # this worker is a CPU
     assert _wake() == "failed"
     detail = _detail(client, sub, student)
     run = detail["runs"][0]
@@ -115,7 +109,7 @@ def test_an_infrastructure_failure_is_retried_and_the_retry_trains(client, db, c
     data = tmp_path / "cifar10.tar.gz"
     whole = _cut_in_half(tiny_cifar, data)
     comp, student = contest(dataset={"name": "cifar10", "path": str(data)})
-    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    sub = submit(client, comp, student, batch_size=32, epochs=1)
     tokens = queue_depth("train.cpu")
     assert _wake() == "requeued"
     assert queue_depth("train.cpu") == tokens + 1  # the requeued run's own token
@@ -136,7 +130,7 @@ def test_an_infrastructure_failure_on_every_attempt_is_refunded(client, db, cont
     data = tmp_path / "cifar10.tar.gz"
     _cut_in_half(tiny_cifar, data)
     comp, student = contest(dataset={"name": "cifar10", "path": str(data)}, submission_quota=1)
-    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    sub = submit(client, comp, student, batch_size=32, epochs=1)
     assert [_wake(), _wake(), _wake(), _wake()] == ["requeued", "requeued", "failed",
                                                     "skipped: no queued run on train.cpu"]
     detail = _detail(client, sub, student)
@@ -146,7 +140,7 @@ def test_an_infrastructure_failure_on_every_attempt_is_refunded(client, db, cont
     assert run["attempts"] == 3 and run["charged_seconds"] == 0 and detail["charged_seconds"] == 0
     assert run["error"].startswith("failed on all 3 attempts for reasons outside the run (not charged); last: ")
     assert "cannot read the archive" in run["error"]
-    _submit(client, comp, student, batch_size=32, epochs=1)  # the quota of 1 was refunded with it
+    submit(client, comp, student, batch_size=32, epochs=1)  # the quota of 1 was refunded with it
 
 
 @pytest.mark.slow
@@ -165,7 +159,7 @@ def test_a_diverged_run_is_a_config_failure_and_is_charged(client, db, contest):
         return None
 
     comp, student = contest(budget={"max_epochs": 3})
-    sub = _submit(client, comp, student, batch_size=32, epochs=3)
+    sub = submit(client, comp, student, batch_size=32, epochs=3)
     hook = register_module_forward_hook(nan_from_the_12th_step)
     try:
         assert _wake() == "diverged"
@@ -181,7 +175,7 @@ def test_a_diverged_run_is_a_config_failure_and_is_charged(client, db, contest):
 @pytest.mark.slow
 def test_cancel_charges_a_running_run_its_time_so_far_and_a_queued_one_nothing(client, db, contest):
     comp, student = contest(seeds=(0, 1))
-    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    sub = submit(client, comp, student, batch_size=32, epochs=1)
     first, second = db.scalars(select(Run.id).where(Run.submission_id == sub["id"]).order_by(Run.id)).all()
     with session_scope() as s:  # a worker took the first seed's run 40 s ago; the second still waits
         run_service.claim(s, first, "busy-worker", stale_after=60, max_attempts=3)
@@ -220,7 +214,7 @@ def test_a_hung_run_ends_as_timeout_and_the_same_process_trains_the_next(client,
     os.mkfifo(fifo)
     hung, student = contest(dataset={"name": "cifar10", "path": str(fifo)},
                             budget={"max_epochs": 1, "max_seconds": 1})  # capped at 1 + 0.5 + 2 s
-    sub = _submit(client, hung, student, batch_size=32)
+    sub = submit(client, hung, student, batch_size=32)
     handler = signal.getsignal(signal.SIGUSR1)
     net = _unstick_later(fifo, 120)
     t0 = time.perf_counter()
@@ -237,7 +231,7 @@ def test_a_hung_run_ends_as_timeout_and_the_same_process_trains_the_next(client,
     assert 2 <= run["charged_seconds"] < 30 and run["charged_seconds"] == pytest.approx(run["wall_seconds"])
 
     normal, student = contest()
-    nxt = _submit(client, normal, student, batch_size=32, epochs=1)
+    nxt = submit(client, normal, student, batch_size=32, epochs=1)
     assert _wake() == "succeeded"
     assert _detail(client, nxt, student)["status"] == "succeeded"
 
@@ -248,7 +242,7 @@ def test_a_run_past_its_limit_off_the_main_thread_stops_at_its_next_event(client
     event instead."""
     _limits_env(monkeypatch, floor_seconds=1, max_seconds=4)
     comp, student = contest(budget={"max_epochs": 50}, search_space={})
-    sub = _submit(client, comp, student, batch_size=32, epochs=50)
+    sub = submit(client, comp, student, batch_size=32, epochs=50)
     out: list[str] = []
     worker = threading.Thread(target=lambda: out.append(_wake()))
     worker.start()
@@ -287,7 +281,7 @@ def test_past_the_hard_limit_the_watchdog_writes_the_timeout_and_kills_its_proce
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)
     comp, student = contest()
-    sub = _submit(client, comp, student, batch_size=32, epochs=1)
+    sub = submit(client, comp, student, batch_size=32, epochs=1)
     run_id = db.scalar(select(Run.id).where(Run.submission_id == sub["id"]))
     net = _unstick_later(fifo, 60)
     try:
