@@ -126,7 +126,8 @@ def _watch(http, admin, submitted, console, exit_when_done, procs) -> int:
 
 def _board_table(board: dict) -> Table:
     t = Table(title=f"Leaderboard: {board['title']}")
-    for col in ("rank", "team", "accuracy", "GPU-hours", "submissions", "best at"):
+    unit = board.get("cost_unit", "gpu-hours")  # cpu-hours on a CPU class
+    for col in ("rank", "team", "accuracy", unit, "submissions", "best at"):
         t.add_column(col)
     for e in board["entries"]:
         t.add_row(str(e["rank"]), e["team"], f"{e['accuracy']:.4f}", f"{(e['gpu_hours'] or 0):.5f}",
