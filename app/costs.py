@@ -43,6 +43,7 @@ from app.admin.models import HardwareClass, Throughput
 from app.competitions.models import Competition
 from app.db import upsert_insert, utcnow
 from app.errors import BudgetExceeded
+from app.hardware import class_cost_unit
 from app.submissions.models import Run, RunStatus, Submission
 from worker.engine.config import RunSpec
 from worker.engine.result import TrainResult
@@ -318,12 +319,6 @@ def predict_seconds(session: Session, comp: Competition, spec: RunSpec) -> float
 # ----------------------------------------------------------------------------------------------------
 
 
-def cost_unit(session: Session, hardware_class: str) -> str:
-    """What the device-seconds of this class are: cpu-seconds on a CPU class, else gpu-seconds."""
-    device_type = session.scalar(select(HardwareClass.device_type).where(HardwareClass.name == hardware_class))
-    return "cpu-seconds" if device_type == "cpu" else "gpu-seconds"
-
-
 @dataclass(frozen=True)
 class Usage:
     spent: float  # charged device-seconds of the team's runs that are over
@@ -352,7 +347,7 @@ def budget_view(session: Session, comp: Competition, team_id: int) -> dict[str, 
     return {"team_id": team_id, "budget_gpu_hours": comp.gpu_hour_budget, "budget_seconds": total,
             "spent_seconds": u.spent, "reserved_seconds": u.reserved, "remaining_seconds": remaining,
             "remaining_gpu_hours": None if remaining is None else remaining / 3600,
-            "cost_unit": cost_unit(session, comp.hardware_class), "runs_charged": u.runs_charged,
+            "cost_unit": class_cost_unit(session, comp.hardware_class), "runs_charged": u.runs_charged,
             "runs_unfinished": u.runs_unfinished}
 
 
@@ -367,7 +362,7 @@ def check_budget(session: Session, comp: Competition, team_id: int, predicted: f
     if predicted <= remaining:
         return
     left = max(0.0, remaining)
-    unit = cost_unit(session, comp.hardware_class)
+    unit = class_cost_unit(session, comp.hardware_class)
     raise BudgetExceeded(
         f"this entry is predicted to cost {predicted:.0f} {unit} ({predicted / 3600:.4f} h), but the team's "
         f"budget of {comp.gpu_hour_budget:g} GPU-hours has {left / 3600:.4f} h ({left:.0f} s) left: "

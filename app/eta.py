@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 from app.admin.models import WorkerNode
 from app.admin.service import ONLINE_WITHIN
 from app.competitions.models import Competition
-from app.costs import cost_unit
 from app.db import utcnow
+from app.hardware import class_cost_unit
 from app.submissions.models import Run, RunStatus, Submission
 from app.submissions.runs import fair_order, team_standing
 
@@ -37,7 +37,7 @@ def annotate_many(session: Session, subs: list[Submission]) -> dict[int, dict[st
     """annotate() for many submissions (a listing), ranking each queue once whatever their number."""
     classes = dict(session.execute(select(Competition.id, Competition.hardware_class)
                                    .where(Competition.id.in_({s.competition_id for s in subs}))).all())
-    units = {c: cost_unit(session, c) for c in set(classes.values())}
+    units = {c: class_cost_unit(session, c) for c in set(classes.values())}
     out = {sub.id: {"cost_unit": units[classes[sub.competition_id]]} for sub in subs}
     live = [sub.id for sub in subs if sub.status in (RunStatus.queued, RunStatus.running)]
     if not live:

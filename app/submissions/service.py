@@ -90,14 +90,15 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
     check_open(comp, now)
     check_quota(session, comp, member.team_id, now)
     # A run identical to an earlier succeeded one reuses its result (dedup) and costs nothing; the others
-    # are priced, and the team's GPU-hour budget must cover them.
-    originals = {spec.seed: dedup.find_original(session, comp.id, spec.identity()) for spec in specs}
-    predicted = {spec.seed: costs.predict_seconds(session, comp, spec) for spec in specs}
-    costs.check_budget(session, comp, member.team_id,
-                       sum(p for seed, p in predicted.items() if originals[seed] is None and p is not None))
+    # are priced, and the team's GPU-hour budget must cover them. Seeds change no cost: one prediction.
+    hashes = {spec.seed: spec.identity() for spec in specs}
+    originals = {seed: dedup.find_original(session, comp.id, h) for seed, h in hashes.items()}
+    per_run = costs.predict_seconds(session, comp, specs[0])
+    predicted = per_run * sum(original is None for original in originals.values())
+    costs.check_budget(session, comp, member.team_id, predicted)
     sub = Submission(competition_id=comp.id, team_id=member.team_id, user_id=user.id, config=config,
                      idempotency_key=idempotency_key, status=RunStatus.queued, created_at=now,
-                     predicted_seconds=_total(p for seed, p in predicted.items() if originals[seed] is None))
+                     predicted_seconds=predicted)
     session.add(sub)
     try:
         session.flush()
@@ -110,8 +111,8 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
     session.execute(update(Team).where(Team.id == member.team_id).values(submissions=Team.submissions + 1))
     queue = get_settings().queue_for(comp.hardware_class)
     for spec in specs:
-        run = Run(submission_id=sub.id, seed=spec.seed, spec=spec, spec_hash=spec.identity(), queue=queue,
-                  status=RunStatus.queued, predicted_seconds=predicted[spec.seed])
+        run = Run(submission_id=sub.id, seed=spec.seed, spec=spec, spec_hash=hashes[spec.seed], queue=queue,
+                  status=RunStatus.queued, predicted_seconds=per_run)
         session.add(run)
         session.flush()
         if (original := originals[spec.seed]) is not None:
@@ -121,11 +122,6 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
     if any(originals.values()):
         refresh_submission(session, sub.id)
     return sub, True
-
-
-def _total(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) if values else 0.0
 
 
 def _by_key(session: Session, user: User, key: str) -> Submission | None:
