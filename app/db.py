@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from pydantic import BaseModel
@@ -29,8 +29,13 @@ NAMING_CONVENTION = {
 }
 
 
+# Added to the real time by utcnow: what tests move to cross a competition's freeze or deadline (tests/conftest's
+# `clock` fixture). Always zero in a running server.
+CLOCK_OFFSET = [timedelta(0)]
+
+
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    return datetime.now(UTC) + CLOCK_OFFSET[0]
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -5,10 +5,11 @@ from app.audit.models import AuditEvent
 from app.auth.models import Role, User
 from app.competitions.models import Competition, Membership, Team
 from app.db import Base
-from app.leaderboard.models import TeamBest
-from app.submissions.models import EpochMetric, Run, RunLogits, RunStatus, Submission
+from app.leaderboard.models import BoardCache, TeamBest
+from app.submissions.models import EpochMetric, Rescore, Run, RunLogits, RunStatus, Submission, TestLabels
 
 __all__ = [
-    "AuditEvent", "Base", "Competition", "Deployment", "EpochMetric", "HardwareClass", "Membership", "RateWindow",
-    "Role", "Run", "RunLogits", "RunStatus", "Submission", "Team", "TeamBest", "Throughput", "User", "WorkerNode",
+    "AuditEvent", "Base", "BoardCache", "Competition", "Deployment", "EpochMetric", "HardwareClass", "Membership",
+    "RateWindow", "Rescore", "Role", "Run", "RunLogits", "RunStatus", "Submission", "Team", "TeamBest", "TestLabels",
+    "Throughput", "User", "WorkerNode",
 ]

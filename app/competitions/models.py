@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, PydanticJSON, TimestampMixin, UTCDateTime
@@ -36,6 +36,14 @@ class Competition(TimestampMixin, Base):
     # Optional cap on one team's runs training at once (fair-share dispatch skips a team at its cap).
     max_running_per_team: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("user_account.id"), nullable=True)
+    # The contest's rules (issue 11). After freeze_at the public board others see stops changing; a team may
+    # mark up to final_entries submissions as final before the deadline; after the deadline the private
+    # board is revealed, and with reveal_configs every entry's config too. board_view is the board's default
+    # order: "accuracy" (rank bands), or "efficiency" (the accuracy / GPU-hours Pareto front).
+    freeze_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    final_entries: Mapped[int] = mapped_column(Integer, default=2, server_default="2")
+    reveal_configs: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    board_view: Mapped[str] = mapped_column(String(20), default="accuracy", server_default="accuracy")
 
 
 class Team(TimestampMixin, Base):

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Float, ForeignKey
+from sqlalchemy import JSON, Float, ForeignKey, Integer
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, UTCDateTime
@@ -29,3 +30,24 @@ class TeamBest(Base):
     accuracy: Mapped[float] = mapped_column(Float)
     gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     submitted_at: Mapped[datetime] = mapped_column(UTCDateTime())  # the submission's created_at
+
+
+class BoardCache(Base):
+    """The computed boards of one competition (rank bands, Pareto front, public, frozen and private), kept so
+    a request serves them instead of recomputing a bootstrap over every entry (app.leaderboard.board).
+
+    `version` is bumped in every transaction that changes what the boards show (a submission's scores, a
+    final mark, a rule); `payload` reflects `computed_version`. A reader finding them unequal refreshes it,
+    unless another refresh started within the last minute (`refreshing_since`), and then serves the stale
+    payload marked stale.
+    """
+
+    __tablename__ = "board_cache"
+
+    competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"),
+                                                primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    computed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    computed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    refreshing_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.db import Base, PydanticJSON, TimestampMixin, UTCDateTime
+from app.db import Base, PydanticJSON, TimestampMixin, UTCDateTime, utcnow
 from worker.engine.config import RunSpec
 
 
@@ -32,6 +32,11 @@ class RunStatus(StrEnum):
     failed = "failed"
     diverged = "diverged"
     cancelled = "cancelled"
+
+
+class SubmissionKind(StrEnum):
+    train = "train"
+    ensemble = "ensemble"
 
 
 class FailureKind(StrEnum):
@@ -80,6 +85,26 @@ class Submission(TimestampMixin, Base):
     predicted_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     charged_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     device_mismatch: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # "train" (its runs train), or "ensemble": scored from its members' stored logits, no training
+    # (app.submissions.ensembles); `members` holds the member submission ids, in the order given.
+    kind: Mapped[str] = mapped_column(String(20), default=SubmissionKind.train, server_default="train")
+    members: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    # An organizer's reference entry: shown on both boards as a marked line, takes no rank, not in team_best.
+    is_baseline: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Marked final by its team before the deadline (the private board ranks each team's best final entry).
+    final: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    final_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The scoring round its scores come from: 0, or the round of the last rescore whose runs all succeeded
+    # (app.submissions.rescore). Runs of other rounds are kept, and not counted.
+    round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Over the scoring round's runs (one per seed), derived by refresh_submission like accuracy: the sample
+    # std across seeds (null with one seed), the mean public ECE; and the private half's, which no
+    # participant sees before the competition closes.
+    accuracy_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ece: Mapped[float | None] = mapped_column(Float, nullable=True)
+    private_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    private_accuracy_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    private_ece: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     runs: Mapped[list[Run]] = relationship(back_populates="submission", order_by="Run.id", lazy="selectin")
 
@@ -118,6 +143,11 @@ class Run(TimestampMixin, Base):
     diverged_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     failure_kind: Mapped[str | None] = mapped_column(String(20), nullable=True)  # FailureKind, when failed
+    # The scoring round it belongs to: 0 for the submission's own runs, r for those rescore r added.
+    round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Expected calibration error (result.metrics.<half>.ece), indexed copies like accuracy.
+    ece: Mapped[float | None] = mapped_column(Float, nullable=True)
+    private_ece: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Device-seconds predicted at submission (app.costs.predict) and the time limits derived from them.
     predicted_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     # What the run cost its team (device-seconds): its gpu_seconds when it trained, 0 when refunded
@@ -163,3 +193,37 @@ class RunLogits(Base):
     cols: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(16), default="float16")
     data: Mapped[bytes] = mapped_column(LargeBinary)
+    # numpy.packbits of (argmax == label) over the whole test set, in its order: what rank bands resample
+    # (app.leaderboard.bands) without reading the logits. Null for runs stored before migration 0008.
+    correct: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class TestLabels(Base):
+    """A competition's test-set labels (uint8, test-set order), written once by the first run that succeeds:
+    what ensembles score against and what `correct` is computed from."""
+
+    __tablename__ = "test_labels"
+    __test__ = False  # not a pytest class
+
+    competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"), primary_key=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Rescore(Base):
+    """An organizer's rescore: chosen entries re-run with fresh seeds as scoring round `round`; `before` holds
+    each entry's scores as they were, so Kendall tau between the boards can be reported when it is over."""
+
+    __tablename__ = "rescore"
+    __table_args__ = (UniqueConstraint("competition_id", "round"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    competition_id: Mapped[int] = mapped_column(ForeignKey("competition.id", ondelete="CASCADE"))
+    created_by_id: Mapped[int | None] = mapped_column(ForeignKey("user_account.id"), nullable=True)
+    round: Mapped[int] = mapped_column(Integer)
+    seeds: Mapped[list[int]] = mapped_column(JSON)
+    submission_ids: Mapped[list[int]] = mapped_column(JSON)
+    threshold: Mapped[float] = mapped_column(Float)
+    # {submission_id: {"accuracy": mean public, "private_accuracy": mean private}} at the rescore's start.
+    before: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
