@@ -335,7 +335,8 @@ def usage(session: Session, comp: Competition, team_id: int) -> Usage:
                              0.0),
                func.count(Run.charged_seconds), func.count(case((unfinished, 1))))
         .join(Submission, Submission.id == Run.submission_id)
-        .where(Submission.competition_id == comp.id, Submission.team_id == team_id)).one()
+        # Round 0 only: a rescore's runs (app.submissions.rescore) are the organizer's, not the team's.
+        .where(Submission.competition_id == comp.id, Submission.team_id == team_id, Run.round == 0)).one()
     return Usage(spent=float(row[0]), reserved=float(row[1]), runs_charged=row[2], runs_unfinished=row[3])
 
 

@@ -17,6 +17,7 @@ from app.db import session_scope
 from app.errors import DomainError
 from app.http import BodySizeLimit, domain_error_handler, reject_unknown_query, validation_error_handler
 from app.leaderboard.router import router as leaderboard_router
+from app.submissions.rescore_router import router as rescore_router
 from app.submissions.router import router as submissions_router
 
 
@@ -35,7 +36,8 @@ def create_app() -> FastAPI:
     app = FastAPI(title="hparena", version="0.1.0", lifespan=lifespan, dependencies=[Depends(reject_unknown_query)],
                   description="Hyperparameter-tuning competitions: submit a config, a GPU worker trains it, "
                               "the leaderboard ranks it.")
-    for r in (competitions_router, submissions_router, leaderboard_router, auth_router, admin_router):
+    for r in (competitions_router, submissions_router, leaderboard_router, rescore_router, auth_router,
+              admin_router):
         app.include_router(r)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(DomainError, domain_error_handler)

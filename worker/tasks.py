@@ -30,6 +30,7 @@ from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from billiard.pool import SIG_SOFT_TIMEOUT
 from celery.exceptions import Reject
 from celery.worker.request import Request
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from app.admin.models import HardwareClass
@@ -41,7 +42,7 @@ from app.hardware import check_result, class_of_queue, get_class, thread_share
 from app.queue import TRAIN_TASK
 from app.submissions import runs
 from app.submissions.limits import TimeLimits, time_limits
-from app.submissions.models import FailureKind, Run, RunStatus
+from app.submissions.models import FailureKind, Run, RunStatus, Submission
 from worker.celery_app import celery, hardware_problem
 from worker.engine.config import DataSpec
 from worker.engine.result import (
@@ -72,6 +73,21 @@ def _cached_dataset(spec_json: str):
                         default_path=s.dataset_path)
 
 
+def _refresh_board(run_id: int) -> None:
+    """A result landed: recompute its competition's cached boards now (rank bands, private board), so the
+    next reader finds them fresh. A failure here costs freshness, not the result: a reader refreshes."""
+    from app.leaderboard import board
+
+    try:
+        with session_scope() as s:
+            competition_id = s.scalar(select(Submission.competition_id).join(Run, Run.submission_id == Submission.id)
+                                      .where(Run.id == run_id))
+        if competition_id is not None:
+            board.refresh(competition_id)
+    except Exception:
+        log.exception("could not refresh the boards after run %s", run_id)
+
+
 def _drop_checkpoint(directory: Path) -> None:
     from worker.engine import checkpoint  # torch: imported in the child only
 
@@ -84,12 +100,15 @@ def _drop_checkpoint(directory: Path) -> None:
 def result_columns(result: TrainResult, hardware: HardwareClass | None, class_name: str) -> dict[str, Any]:
     """The one mapping from the engine's result onto the run's row: the record itself, its indexed copies
     (see app.submissions.models.Run), why its device is not its competition's class `class_name` (whose
-    row is `hardware`) if it is not, and, for a diverged run, the reason in words."""
+    row is `hardware`) if it is not, and, for a diverged run, the reason in words. `logits` and `labels` are
+    not columns: runs.finish stores them (RunLogits, TestLabels)."""
+    metrics = result.metrics
     fields: dict[str, Any] = dict(
         result=result.to_json(), gpu_seconds=result.device_seconds, stop_reason=result.stop_reason.value,
         device_name=result.device.name, accuracy=result.accuracy, private_accuracy=result.private_accuracy,
+        ece=metrics.public.ece if metrics else None, private_ece=metrics.private.ece if metrics else None,
         diverged_epoch=result.diverged_epoch, diverged_step=result.diverged_step, logits=result.logits,
-        device_mismatch=check_result(hardware, class_name, result),
+        labels=result.labels, device_mismatch=check_result(hardware, class_name, result),
     )
     if result.status == Outcome.diverged:
         fields["error"] = f"loss became NaN/inf at step {result.diverged_step} (epoch {result.diverged_epoch})"
@@ -412,6 +431,8 @@ def train_run(self, deployment: str | None = None) -> str:
                                    wall_seconds=time.perf_counter() - t0)
         if not_ours != runs.SUPERSEDED:
             _drop_checkpoint(ckpt)  # the run is over: nothing will resume it
+        if not_ours is None:
+            _refresh_board(run_id)
         return not_ours or result.status.value
     except Exception as exc:
         try:

@@ -29,6 +29,13 @@ def current_user(session: SessionDep, creds: Annotated[HTTPAuthorizationCredenti
     return user
 
 
+def optional_user(session: SessionDep,
+                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User | None:
+    """Who is asking, on a route anyone may read: None without a token; a wrong token is still a 401 (a typo
+    must not silently show the anonymous view)."""
+    return None if creds is None else current_user(session, creds)
+
+
 def _require(*roles: Role):
     def check(user: Annotated[User, Depends(current_user)]) -> User:
         if user.role not in roles:
@@ -39,5 +46,6 @@ def _require(*roles: Role):
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+OptionalUser = Annotated[User | None, Depends(optional_user)]
 CurrentOrganizer = Annotated[User, Depends(_require(Role.organizer, Role.admin))]
 CurrentAdmin = Annotated[User, Depends(_require(Role.admin))]

@@ -10,7 +10,7 @@ transaction that changes a submission's status, so the board never shows a state
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, Select, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Select, delete, false, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.competitions.models import Team
@@ -43,7 +43,13 @@ def leaderboard(session: Session, competition_id: int) -> list[dict]:
 
 def note_submission(session: Session, sub: Submission) -> None:
     """Bring the team's best row up to date after `sub`'s status changed. Called by refresh_submission with
-    the submission row locked and its new status flushed, in the transaction that changed it."""
+    the submission row locked and its new status flushed, in the transaction that changed it. The cached
+    boards (leaderboard.board) go stale with it; a baseline has no team row (it takes no rank)."""
+    from app.leaderboard import board  # board imports this module
+
+    board.bump(session, sub.competition_id)
+    if sub.is_baseline:
+        return
     if sub.status != RunStatus.succeeded:
         # Only a best submission that stopped succeeding matters, and that is not normally possible (a
         # succeeded submission's runs are all over): one indexed look-up, no lock, for every other change.
@@ -70,18 +76,19 @@ def rebuild_best(session: Session, competition_id: int) -> None:
     written in bulk without refresh_submission (bench/api_load.py seeds 100,000 this way)."""
     session.execute(delete(TeamBest).where(TeamBest.competition_id == competition_id))
     session.execute(insert(TeamBest).from_select(
-        _COLUMNS, _best_per_team(Submission.competition_id == competition_id)))
+        _COLUMNS, best_per_team(Submission.competition_id == competition_id)))
 
 
-def _best_per_team(*where: ColumnElement[bool]) -> Select:
-    """Each team's best succeeded submission among those matching `where`, as team_best's columns."""
+def best_per_team(*where: ColumnElement[bool]) -> Select:
+    """Each team's best succeeded submission among those matching `where`, as team_best's columns
+    (baselines are no team's entry)."""
     order = (Submission.accuracy.desc(), Submission.gpu_seconds.asc(), Submission.created_at.asc(),
              Submission.id.asc())
     ranked = (
         select(Submission.competition_id, Submission.team_id, Submission.id.label("submission_id"),
                Submission.accuracy, Submission.gpu_seconds, Submission.created_at.label("submitted_at"),
                func.row_number().over(partition_by=Submission.team_id, order_by=order).label("nth"))
-        .where(Submission.status == RunStatus.succeeded, *where)
+        .where(Submission.status == RunStatus.succeeded, Submission.is_baseline.is_(false()), *where)
         .subquery()
     )
     return select(*(ranked.c[c] for c in _COLUMNS)).where(ranked.c.nth == 1)
@@ -97,13 +104,14 @@ def _insert_if_absent(session: Session, sub: Submission) -> bool:
     ins = upsert_insert(session.get_bind(), TeamBest).values(
         competition_id=sub.competition_id, team_id=sub.team_id, submission_id=sub.id, accuracy=sub.accuracy,
         gpu_seconds=sub.gpu_seconds, submitted_at=sub.created_at)
-    return session.execute(ins.on_conflict_do_nothing()).rowcount == 1
+    # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING.
+    return session.execute(ins.on_conflict_do_nothing().returning(TeamBest.team_id)).first() is not None
 
 
 def _set_best(session: Session, sub: Submission, scope: ColumnElement[bool]) -> None:
     """Make the team's row the best of its submissions matching `scope`, ordered as the board orders them
     (by the database, so NULL GPU-seconds sort where the board sorts them)."""
-    top = session.execute(_best_per_team(scope)).first()
+    top = session.execute(best_per_team(scope)).first()
     if top is None:
         session.execute(delete(TeamBest).where(_of_team(sub)))
         return

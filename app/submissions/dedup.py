@@ -32,18 +32,18 @@ def find_original(session: Session, competition_id: int, spec_hash: str) -> Run 
 def reuse(session: Session, run: Run, original: Run) -> None:
     """Make the new queued `run` (flushed, no token sent for it) a succeeded copy of `original`'s result.
 
-    Copied: the result record and its indexed columns, the epoch curve and the test-set logits (ensembles
-    score each run's logits). gpu_seconds stays the original's measured figure, because it describes the
-    result (the board's tie-break on GPU-hours must not favour a copy over the run that paid for it); what
-    this run cost its team is charged_seconds, 0. No worker touched it: attempts 0, no hostname, no wall
-    time. The caller refreshes the submission.
+    Copied: the result record and its indexed columns, the epoch curve, the test-set logits (ensembles
+    score each run's logits) and their per-image correctness (rank bands resample it). gpu_seconds stays the
+    original's measured figure, because it describes the result (the board's tie-break on GPU-hours must not
+    favour a copy over the run that paid for it); what this run cost its team is charged_seconds, 0. No
+    worker touched it: attempts 0, no hostname, no wall time. The caller refreshes the submission.
     """
     now = utcnow()
     run.status = RunStatus.succeeded
     run.reused_from_run_id = original.id
     run.result = copy.deepcopy(original.result)
-    for column in ("accuracy", "private_accuracy", "gpu_seconds", "stop_reason", "device_name",
-                   "diverged_epoch", "diverged_step", "device_mismatch"):
+    for column in ("accuracy", "private_accuracy", "ece", "private_ece", "gpu_seconds", "stop_reason",
+                   "device_name", "diverged_epoch", "diverged_step", "device_mismatch"):
         setattr(run, column, getattr(original, column))
     run.attempts, run.progress = 0, 1.0
     run.started_at = run.finished_at = now
@@ -53,7 +53,7 @@ def reuse(session: Session, run: Run, original: Run) -> None:
     session.execute(insert(EpochMetric).from_select(
         ("run_id", *curve),
         select(literal(run.id), *(getattr(EpochMetric, c) for c in curve)).where(EpochMetric.run_id == original.id)))
-    logits = ("rows", "cols", "dtype", "data")
+    logits = ("rows", "cols", "dtype", "data", "correct")
     session.execute(insert(RunLogits).from_select(
         ("run_id", *logits),
         select(literal(run.id), *(getattr(RunLogits, c) for c in logits)).where(RunLogits.run_id == original.id)))

@@ -10,10 +10,11 @@ from app.auth.dependencies import CurrentUser, SessionDep
 from app.competitions.service import get_competition, membership
 from app.http import BODY_ERRORS, error_responses
 from app.ratelimit import SubmitLimit
-from app.submissions import service
+from app.submissions import ensembles, service
 from app.submissions.models import Submission
 from app.submissions.schemas import (
     BudgetOut,
+    EnsembleCreate,
     EpochOut,
     RunDetail,
     SubmissionCreate,
@@ -40,6 +41,17 @@ def submit(slug: str, data: SubmissionCreate, _: SubmitLimit, session: SessionDe
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return _out(session, sub)
+
+
+@router.post("/competitions/{slug}/ensembles", response_model=SubmissionOut, status_code=status.HTTP_201_CREATED,
+             responses=error_responses(401, 403, 404, 409, 429, *BODY_ERRORS))
+def submit_ensemble(slug: str, data: EnsembleCreate, _: SubmitLimit, session: SessionDep, user: CurrentUser):
+    """An ensemble entry of 2 to 5 of your team's succeeded submissions, scored at once from their stored test
+    logits (softmax probabilities averaged, matched seed by seed): no training, no GPU-hours. It counts
+    against the submission quota and ranks on the board like any entry."""
+    comp = get_competition(session, slug)
+    member = membership(session, comp, user)
+    return _out(session, ensembles.create_ensemble(session, comp, member, user, data.members))
 
 
 @router.get("/competitions/{slug}/budget", response_model=BudgetOut, responses=error_responses(401, 403, 404))

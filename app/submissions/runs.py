@@ -6,18 +6,20 @@ presumed dead (stale heartbeat) and replaced can no longer change the run.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import ColumnElement, Subquery, case, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app import costs
 from app.competitions.models import Competition, Team
-from app.db import utcnow
+from app.db import upsert_insert, utcnow
 from app.dispatch import wake_after_commit
 from app.submissions.models import (
     TERMINAL,
@@ -28,11 +30,13 @@ from app.submissions.models import (
     RunLogits,
     RunStatus,
     Submission,
+    TestLabels,
 )
 from app.submissions.service import lock_submission, lock_team, refresh_submission
 from worker.engine.config import RunSpec
 from worker.engine.result import EpochRow
 
+log = logging.getLogger("hparena.submissions")
 SUPERSEDED = "superseded"  # what a fenced-out worker hears: another attempt owns the run now
 
 
@@ -264,10 +268,11 @@ def finish(session: Session, c: Claimed, status: RunStatus, *, failure_kind: Fai
     elif status == RunStatus.failed:
         failure_kind = failure_kind or FailureKind.config
     run = session.get(Run, c.run_id)
-    lock_submission(session, run.submission_id)
-    logits = fields.pop("logits", None)
-    fields.update(failure_kind=failure_kind and failure_kind.value,
-                  charged_seconds=charge(failure_kind, fields.get("gpu_seconds"), fields.get("wall_seconds")))
+    sub = lock_submission(session, run.submission_id)
+    logits, labels = fields.pop("logits", None), fields.pop("labels", None)
+    # A rescore's runs (round > 0) were asked for by the organizer: the team pays nothing for them.
+    charged = charge(failure_kind, fields.get("gpu_seconds"), fields.get("wall_seconds")) if run.round == 0 else 0.0
+    fields.update(failure_kind=failure_kind and failure_kind.value, charged_seconds=charged)
     # Guarded by status and attempt in the UPDATE itself: on SQLite the lock above is no lock, so a cancel
     # or a reclaim committed a moment ago must make this write a no-op rather than be overwritten.
     written = session.execute(
@@ -278,13 +283,48 @@ def finish(session: Session, c: Claimed, status: RunStatus, *, failure_kind: Fai
     if not written:
         return _as_seen_by(session, c)
     if logits is not None:
-        session.merge(RunLogits(run_id=c.run_id, rows=logits.shape[0], cols=logits.shape[1], dtype="float16",
-                                data=logits.numpy().tobytes()))
+        _store_logits(session, c.run_id, sub.competition_id, np.asarray(logits),
+                     None if labels is None else np.asarray(labels))
     refresh_submission(session, run.submission_id)
     if status == RunStatus.succeeded:
         costs.learn(session, run)  # its measured images/s price the next submissions
     _wake_capped_team(session, run)
     return None
+
+
+def _store_logits(session: Session, run_id: int, competition_id: int, logits: np.ndarray,
+                 labels: np.ndarray | None) -> None:
+    """Keep a succeeded run's fp16 test logits and which test images it got right (what rank bands resample),
+    and the competition's test labels, written by its first success and only compared afterwards."""
+    correct = None
+    if labels is not None and labels.shape == logits.shape[:1]:
+        correct = np.packbits(logits.argmax(1) == labels).tobytes()
+        _store_labels(session, competition_id, labels)
+    elif labels is not None:
+        log.error("run %s: %d labels for %d rows of logits; per-image correctness not stored", run_id,
+                  labels.shape[0], logits.shape[0])
+    session.merge(RunLogits(run_id=run_id, rows=logits.shape[0], cols=logits.shape[1], dtype="float16",
+                            data=logits.astype(np.float16).tobytes(), correct=correct))
+
+
+def _store_labels(session: Session, competition_id: int, labels: np.ndarray) -> None:
+    """ON CONFLICT DO NOTHING: two first successes finishing at once both try, one row results. A stored row
+    that differs (the competition's data changed under it) is kept and reported, never overwritten: every
+    stored `correct` and every ensemble was scored against it."""
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        log.error("competition %s: test labels outside 0..255 can't be stored as uint8", competition_id)
+        return
+    data = labels.astype(np.uint8).tobytes()
+    # RETURNING, not rowcount: an ORM-enabled INSERT on psycopg reports a rowcount of -1.
+    written = session.execute(upsert_insert(session.get_bind(), TestLabels).values(
+        competition_id=competition_id, rows=len(labels), data=data).on_conflict_do_nothing()
+        .returning(TestLabels.competition_id)).first()
+    if written is not None:
+        return
+    stored = session.get(TestLabels, competition_id)
+    if stored is not None and (stored.rows, stored.data) != (len(labels), data):
+        log.error("competition %s: a run's test labels (%d rows) differ from the stored ones (%d rows); the "
+                  "stored labels are kept", competition_id, len(labels), stored.rows)
 
 
 def _wake_capped_team(session: Session, run: Run) -> None:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
 
+from app.submissions.ensembles import MAX_MEMBERS, MIN_MEMBERS
 from worker.engine.config import TrainConfig
 
 
@@ -12,6 +13,24 @@ class SubmissionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     config: TrainConfig
+
+
+class EnsembleCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    members: list[Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(
+        min_length=MIN_MEMBERS, max_length=MAX_MEMBERS,
+        description=f"{MIN_MEMBERS} to {MAX_MEMBERS} distinct ids of your team's succeeded, trained submissions "
+                    "in this competition. The ensemble averages their softmax probabilities from their stored "
+                    "test logits, matching their runs seed by seed; nothing is trained.")
+
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, members: list[int]) -> list[int]:
+        twice = sorted({i for i in members if members.count(i) > 1})
+        if twice:
+            raise ValueError(f"members must be distinct; named more than once: {', '.join(map(str, twice))}")
+        return members
 
 
 GPU_SECONDS = ("Device-seconds, measured the same way on every worker: the wall time of the training and "
@@ -22,7 +41,7 @@ FAILURE_KIND = ("Why it failed, when it did: infrastructure (worker lost, node f
                 "killed by the system; retried automatically and refunded), config (diverged, out of memory even at "
                 "micro-batch 1, invalid at run time; charged) or timeout (ran past its time limit; charged).")
 CHARGED = ("Device-seconds charged to the team's GPU-hour budget: what it measured, or 0 when refunded (an "
-           "infrastructure failure) or reused. Null while not over.")
+           "infrastructure failure), reused, or run for an organizer's rescore. Null while not over.")
 
 
 def _relative_error(actual: float | None, predicted: float | None) -> float | None:
@@ -56,7 +75,10 @@ class RunOut(BaseModel):
     heartbeat_at: datetime | None
     worker_hostname: str | None
     device_name: str | None
+    round: int = Field(0, description="0: one of the submission's own runs; r: added by the organizer's "
+                                      "rescore r with a fresh seed (charged nothing to the team).")
     accuracy: float | None
+    ece: float | None = Field(None, description="Expected calibration error on the public half.")
     gpu_seconds: float | None
     wall_seconds: float | None
     stop_reason: str | None
@@ -93,12 +115,22 @@ class SubmissionOut(BaseModel):
     team_id: int
     user_id: int
     status: str
-    accuracy: float | None
-    gpu_seconds: float | None = Field(description="Summed over its runs. " + GPU_SECONDS)
+    accuracy: float | None = Field(description="Mean public-half accuracy over the scoring round's runs, one "
+                                               "per seed (see round).")
+    accuracy_std: float | None = Field(None, description="Sample standard deviation (ddof 1) of that accuracy "
+                                                         "across the seeds; null with one seed.")
+    ece: float | None = Field(None, description="Mean expected calibration error (public half) over the scoring "
+                                                "round's runs; null when a run has none recorded.")
+    round: int = Field(0, description="The scoring round its scores come from: 0, its own runs; r, the runs "
+                                      "the organizer's rescore r added, once they all succeeded.")
+    gpu_seconds: float | None = Field(description="Summed over the scoring round's runs. " + GPU_SECONDS)
     error: str | None
     created_at: datetime
     finished_at: datetime | None
     config: dict[str, Any]
+    kind: str = Field("train", description="train: its runs train; ensemble: scored from its members' stored "
+                                           "logits, no training (config is then {\"ensemble_of\": members}).")
+    members: list[int] | None = Field(None, description="An ensemble's member submissions, in the order given.")
     failure_kind: str | None = Field(description=FAILURE_KIND)
     predicted_seconds: float | None = Field(description="Device-seconds predicted at submission, all seeds: "
                                                         "epochs x training images x seeds / the class's measured "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
@@ -71,34 +72,42 @@ def lock_team(session: Session, team_id: int) -> None:
     session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
 
 
-def create_submission(session: Session, comp: Competition, member: Membership, user: User,
-                      cfg: TrainConfig, idempotency_key: str | None = None) -> tuple[Submission, bool]:
+def create_submission(session: Session, comp: Competition, member: Membership | None, user: User,
+                      cfg: TrainConfig, idempotency_key: str | None = None, *,
+                      baseline_team: Team | None = None) -> tuple[Submission, bool]:
     """-> (the submission, whether it was created now). With an idempotency key the participant already
-    used, nothing new is created or charged: the first submission made with that key comes back."""
+    used, nothing new is created or charged: the first submission made with that key comes back.
+
+    A baseline (`baseline_team`, the competition's baseline team; `member` None; `user` its organizer) is
+    an organizer's reference entry: checked against the search space, deduplicated, priced and queued like
+    any other, but no membership, open window, quota or GPU-hour budget applies to it."""
     violations = check_in_space(cfg, comp.search_space, comp.budget)
     if violations:
         raise OutsideSearchSpace(violations)
     specs = [run_spec(comp, cfg, seed) for seed in comp.seeds]
     config = specs[0].config.model_dump(mode="json")
-    lock_team(session, member.team_id)
+    team_id = baseline_team.id if baseline_team is not None else member.team_id
+    lock_team(session, team_id)
     if idempotency_key is not None and (first := _by_key(session, user, idempotency_key)) is not None:
         if first.competition_id != comp.id or first.config != config:
             raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for submission {first.id}, with a "
                            "different competition or config; use a new key for a new submission")
         return first, False
     now = utcnow()
-    check_open(comp, now)
-    check_quota(session, comp, member.team_id, now)
+    if baseline_team is None:
+        check_open(comp, now)
+        check_quota(session, comp, team_id, now)
     # A run identical to an earlier succeeded one reuses its result (dedup) and costs nothing; the others
     # are priced, and the team's GPU-hour budget must cover them. Seeds change no cost: one prediction.
     hashes = {spec.seed: spec.identity() for spec in specs}
     originals = {seed: dedup.find_original(session, comp.id, h) for seed, h in hashes.items()}
     per_run = costs.predict_seconds(session, comp, specs[0])
     predicted = per_run * sum(original is None for original in originals.values())
-    costs.check_budget(session, comp, member.team_id, predicted)
-    sub = Submission(competition_id=comp.id, team_id=member.team_id, user_id=user.id, config=config,
+    if baseline_team is None:
+        costs.check_budget(session, comp, team_id, predicted)
+    sub = Submission(competition_id=comp.id, team_id=team_id, user_id=user.id, config=config,
                      idempotency_key=idempotency_key, status=RunStatus.queued, created_at=now,
-                     predicted_seconds=predicted)
+                     predicted_seconds=predicted, is_baseline=baseline_team is not None)
     session.add(sub)
     try:
         session.flush()
@@ -108,7 +117,7 @@ def create_submission(session: Session, comp: Competition, member: Membership, u
         # The same key in a request running at this very moment (SQLite has no row lock to wait on).
         raise Conflict(f"a submission with Idempotency-Key {idempotency_key!r} is being made right now; "
                        "retry to get it") from None
-    session.execute(update(Team).where(Team.id == member.team_id).values(submissions=Team.submissions + 1))
+    session.execute(update(Team).where(Team.id == team_id).values(submissions=Team.submissions + 1))
     queue = get_settings().queue_for(comp.hardware_class)
     for spec in specs:
         run = Run(submission_id=sub.id, seed=spec.seed, spec=spec, spec_hash=hashes[spec.seed], queue=queue,
@@ -191,6 +200,8 @@ def lock_submission(session: Session, submission_id: int) -> Submission:
 
 
 def derive_status(statuses: list[str]) -> str:
+    """One round's runs -> the submission's status: queued until one starts, running until all are over,
+    then the first bad outcome (cancelled, failed, diverged) if any, else succeeded."""
     s = set(statuses)
     if not s <= TERMINAL:
         return RunStatus.running if s - {RunStatus.queued} else RunStatus.queued
@@ -201,30 +212,61 @@ def derive_status(statuses: list[str]) -> str:
 
 
 def refresh_submission(session: Session, submission_id: int) -> Submission:
-    """Recompute status, mean accuracy and summed GPU-seconds from the runs (call with the row locked), and
-    the team's row on the leaderboard with them, in the same transaction."""
+    """Recompute status and scores from the runs (call with the row locked), and the team's row on the
+    leaderboard with them, in the same transaction.
+
+    Runs are grouped by round: 0 holds the submission's own runs, r those rescore r added
+    (app.submissions.rescore). The scoring round is the highest whose runs all succeeded; while none has,
+    round 0 decides the status as its runs go. So a rescore still running, or one that failed, leaves the
+    status and scores as they were. Over the scoring round's runs (one per seed): the mean public accuracy,
+    its sample std across seeds (ddof 1, null with one run) and the mean ECE, the private half's likewise,
+    and gpu_seconds summed. charged_seconds sums every run's charge (a rescore's runs are charged 0);
+    finished_at is when round 0 ended. A submission without runs keeps the status and scores it was given.
+    """
     session.flush()
     sub = session.get(Submission, submission_id)
     runs = session.execute(
-        select(Run.status, Run.accuracy, Run.gpu_seconds, Run.error, Run.finished_at, Run.failure_kind,
-               Run.charged_seconds, Run.device_mismatch)
+        select(Run.round, Run.status, Run.accuracy, Run.private_accuracy, Run.ece, Run.private_ece,
+               Run.gpu_seconds, Run.error, Run.finished_at, Run.failure_kind, Run.charged_seconds,
+               Run.device_mismatch)
         .where(Run.submission_id == submission_id).order_by(Run.id)
     ).all()
-    sub.status = derive_status([r.status for r in runs])
-    sub.gpu_seconds = sum(r.gpu_seconds or 0.0 for r in runs) or None
+    if not runs:
+        note_submission(session, sub)
+        return sub
+    rounds: dict[int, list] = {}
+    for r in runs:
+        rounds.setdefault(r.round, []).append(r)
+    complete = [k for k, rs in rounds.items() if all(r.status == RunStatus.succeeded for r in rs)]
+    sub.round = max(complete, default=0)
+    scored = rounds.get(sub.round, [])
+    sub.status = derive_status([r.status for r in scored])
+    sub.gpu_seconds = sum(r.gpu_seconds or 0.0 for r in scored) or None
     charged = [r.charged_seconds for r in runs if r.charged_seconds is not None]
     sub.charged_seconds = sum(charged) if charged else None
-    sub.failure_kind = next((r.failure_kind for r in runs if r.failure_kind), None)
-    sub.device_mismatch = any(r.device_mismatch for r in runs)
+    sub.failure_kind = next((r.failure_kind for r in scored if r.failure_kind), None)
+    sub.device_mismatch = any(r.device_mismatch for r in scored)
     if sub.status == RunStatus.succeeded:
-        sub.accuracy = sum(r.accuracy for r in runs) / len(runs)
+        sub.accuracy, sub.accuracy_std = _mean_std([r.accuracy for r in scored])
+        sub.private_accuracy, sub.private_accuracy_std = _mean_std([r.private_accuracy for r in scored])
+        sub.ece = _mean_std([r.ece for r in scored])[0]
+        sub.private_ece = _mean_std([r.private_ece for r in scored])[0]
     if sub.status in TERMINAL:
-        sub.finished_at = max((r.finished_at for r in runs if r.finished_at), default=utcnow())
-        errors = [r.error for r in runs if r.error]
+        own = rounds.get(0, scored)
+        sub.finished_at = max((r.finished_at for r in own if r.finished_at), default=utcnow())
+        errors = [r.error for r in scored if r.error]
         sub.error = errors[0] if errors else None
     session.flush()
     note_submission(session, sub)
     return sub
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """(mean, sample std with ddof 1) over the seeds' values; std is None for one value, both are None when
+    any value is missing (a run stored before the figure was recorded)."""
+    if not values or any(v is None for v in values):
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def participant_view(result: dict | None) -> dict | None:

@@ -67,6 +67,33 @@ MATRIX: dict[tuple[str, str], tuple] = {
         (401, 201, 201, 403, 403, 403)),
     ("get", "/api/competitions/{slug}/leaderboard"): (lambda w: (f"/api/competitions/{w.slug}/leaderboard", None),
                                                       (200, 200, 200, 200, 200, 200)),
+    # The private board: its organizer and admins before the close; everyone after it (the world is open).
+    ("get", "/api/competitions/{slug}/leaderboard/export"): (
+        lambda w: (f"/api/competitions/{w.slug}/leaderboard/export?board=private", None),
+        (403, 403, 403, 403, 200, 200)),
+    # The rules are the competition's organizer's (or an admin's) to change.
+    ("patch", "/api/competitions/{slug}"): (lambda w: (f"/api/competitions/{w.slug}", {"final_entries": 3}),
+                                            (401, 403, 403, 403, 200, 200)),
+    ("get", "/api/competitions/{slug}/final-entries"): (lambda w: (f"/api/competitions/{w.slug}/final-entries", None),
+                                                        (401, 200, 200, 403, 403, 403)),
+    ("put", "/api/competitions/{slug}/final-entries"): (
+        lambda w: (f"/api/competitions/{w.slug}/final-entries", {"submission_ids": []}),
+        (401, 200, 200, 403, 403, 403)),
+    ("post", "/api/competitions/{slug}/baselines"): (
+        lambda w: (f"/api/competitions/{w.slug}/baselines", {"config": {"batch_size": 32}}),
+        (401, 403, 403, 403, 201, 201)),
+    # An ensemble names the caller's team's succeeded submissions: the world's one is queued (422 for its
+    # team; another team's id is refused the same way, as if it did not exist).
+    ("post", "/api/competitions/{slug}/ensembles"): (
+        lambda w: (f"/api/competitions/{w.slug}/ensembles", {"members": [w.submission_id, w.submission_id + 1]}),
+        (401, 422, 422, 403, 403, 403)),
+    ("post", "/api/competitions/{slug}/rescores"): (
+        lambda w: (f"/api/competitions/{w.slug}/rescores", {"submission_ids": [w.submission_id]}),
+        (401, 403, 403, 403, 422, 422)),
+    ("get", "/api/competitions/{slug}/rescores"): (lambda w: (f"/api/competitions/{w.slug}/rescores", None),
+                                                   (401, 403, 403, 403, 200, 200)),
+    ("get", "/api/competitions/{slug}/rescores/{rescore_id}"): (
+        lambda w: (f"/api/competitions/{w.slug}/rescores/1", None), (401, 403, 403, 403, 404, 404)),
     # A team's budget is seen by its members (each team its own); organizers and admins are not members.
     ("get", "/api/competitions/{slug}/budget"): (lambda w: (f"/api/competitions/{w.slug}/budget", None),
                                                  (401, 200, 200, 403, 403, 403)),

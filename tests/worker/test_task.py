@@ -14,8 +14,9 @@ from sqlalchemy import select, update
 
 from app.db import session_scope, utcnow
 from app.submissions import runs as run_service
-from app.submissions.models import EpochMetric, Run, RunLogits, RunStatus
+from app.submissions.models import EpochMetric, Run, RunLogits, RunStatus, TestLabels
 from tests.factories import join, make_competition, make_organizer
+from worker.engine.split import public_private_indices
 
 pytestmark = pytest.mark.slow
 
@@ -99,6 +100,50 @@ def test_a_spare_token_trains_nothing_twice(client, db, contest):
     db.expire_all()
     assert db.get(Run, run_id).attempts == 1
     assert db.scalar(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id)) == 1
+
+
+def test_a_success_stores_per_image_correctness_and_the_test_labels_once(client, db, contest, caplog):
+    import logging
+
+    import numpy as np
+
+    comp, student = contest()
+    first = _submit(client, comp, student, batch_size=32, epochs=1)
+    (run_id,) = _run_ids(db, first["id"])
+    assert _wake() == "succeeded"
+    db.expire_all()
+    run, logits = db.get(Run, run_id), db.get(RunLogits, run_id)
+    labels_row = db.get(TestLabels, comp["id"])
+    labels = np.frombuffer(labels_row.data, dtype=np.uint8)
+    assert labels_row.rows == 100 and np.bincount(labels).tolist() == [10] * 10  # the tiny test set's
+    scores = np.frombuffer(logits.data, dtype=np.float16).reshape(100, 10)
+    correct = np.unpackbits(np.frombuffer(logits.correct, dtype=np.uint8))[:100].astype(bool)
+    assert (correct == (scores.argmax(1) == labels)).all()
+    # The public half's accuracy, recomputed from the stored bits (fp16 logits may break a near-tie the
+    # fp32 ones the engine scored did not).
+    public = list(public_private_indices(100)[0])
+    assert abs(correct[public].mean() - run.accuracy) <= 2 / len(public)
+    assert run.ece == run.result["metrics"]["public"]["ece"]
+    assert run.private_ece == run.result["metrics"]["private"]["ece"]
+
+    copy = _submit(client, comp, student, batch_size=32, epochs=1)  # identical: reuses the result
+    (copy_id,) = _run_ids(db, copy["id"])
+    db.expire_all()
+    reused = db.get(Run, copy_id)
+    assert reused.reused_from_run_id == run_id and (reused.ece, reused.private_ece) == (run.ece, run.private_ece)
+    assert db.get(RunLogits, copy_id).correct == logits.correct
+
+    # A later success whose labels differ from the stored ones (the data changed under the competition)
+    # leaves them as they are, and says so.
+    tampered = bytes((labels + 1) % 10)
+    db.execute(update(TestLabels).where(TestLabels.competition_id == comp["id"]).values(data=tampered))
+    db.commit()
+    _submit(client, comp, student, batch_size=64, epochs=1)
+    with caplog.at_level(logging.ERROR, logger="hparena.submissions"):
+        assert _wake() == "succeeded"
+    db.expire_all()
+    assert db.get(TestLabels, comp["id"]).data == tampered
+    assert "differ from the stored ones" in caplog.text
 
 
 def test_same_seed_same_config_same_result(client, db, contest):

@@ -13,7 +13,6 @@ leaderboard shows it yet.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worker.engine.augment import tta_views
+from worker.engine.split import SPLIT_SEED, public_private_indices
 
 # ----------------------------------------------------------------------------------------------------
 # Inference
@@ -170,24 +170,10 @@ def fit_temperature(logits: Tensor, y: Tensor, *, log_t_min: float = -3.0, log_t
 # ----------------------------------------------------------------------------------------------------
 
 
-def split_public_private(n: int, seed: int = 20240601) -> tuple[Tensor, Tensor]:
-    """A fixed pseudo-random halving of range(n): (public, private), each sorted ascending.
-
-    The order is defined by BLAKE2b hashes of (seed, index) rather than by a library RNG, so the split
-    never changes with a torch/numpy upgrade or across platforms: a competition's halves stay fixed for
-    its lifetime. The public half gets n // 2 indices, the private half the rest.
-    """
-    if n < 0:
-        raise ValueError("n must be >= 0")
-
-    def key(i: int) -> bytes:
-        return hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
-
-    order = sorted(range(n), key=key)
-    half = n // 2
-    public = torch.tensor(sorted(order[:half]), dtype=torch.long)
-    private = torch.tensor(sorted(order[half:]), dtype=torch.long)
-    return public, private
+def split_public_private(n: int, seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
+    """worker.engine.split.public_private_indices as long tensors: (public, private), each sorted."""
+    public, private = public_private_indices(n, seed)
+    return torch.tensor(public, dtype=torch.long), torch.tensor(private, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------------

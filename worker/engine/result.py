@@ -236,7 +236,8 @@ class DatasetInfo(_Data):
 
 class TrainResult(_Data):
     """Everything one run produced. Metrics are present only when it succeeded (a diverged or cancelled
-    run has no final evaluation). The fp16 test-set logits ride along outside the record."""
+    run has no final evaluation). The fp16 test-set logits and the test labels they were scored against ride
+    along outside the record."""
 
     status: Outcome
     stop_reason: StopReason
@@ -272,14 +273,21 @@ class TrainResult(_Data):
     spec: RunSpec
 
     _logits: Any = PrivateAttr(default=None)
+    _labels: Any = PrivateAttr(default=None)
 
     @property
     def logits(self) -> Any:
         """fp16 test-set logits (a torch tensor, rows in test-set order), or None when not succeeded."""
         return self._logits
 
-    def with_logits(self, logits: Any) -> TrainResult:
-        self._logits = logits
+    @property
+    def labels(self) -> Any:
+        """The test set's labels (a CPU int64 tensor, test-set order), or None when there are no logits: what
+        the server scores per-image correctness and ensembles against."""
+        return self._labels
+
+    def with_logits(self, logits: Any, labels: Any = None) -> TrainResult:
+        self._logits, self._labels = logits, labels
         return self
 
     def to_json(self) -> dict[str, Any]:

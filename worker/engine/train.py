@@ -339,5 +339,6 @@ def _final_result(s: Setup, p: Progress, data: Dataset) -> TrainResult:
                             test=len(data.test_y), classes=data.classes),
         spec=s.spec,
     )
-    return result.with_logits(logits16)
+    labels = data.test_y.to("cpu", torch.int64) if logits16 is not None else None
+    return result.with_logits(logits16, labels)
 

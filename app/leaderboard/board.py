@@ -1,0 +1,351 @@
+"""The boards people see: scores with their uncertainty, rank bands, the Pareto front, the public board
+(live, or frozen after `freeze_at`), the private board after the deadline, baselines, and who may see what.
+
+Computing a board means a paired bootstrap over every entry (app.leaderboard.bands), seconds for a thousand
+teams, so it is done once per change and kept in `board_cache` (leaderboard.models.BoardCache):
+- `bump` marks a competition's boards stale, in the transaction that changes what they show (a submission's
+  status or scores: leaderboard.service.note_submission; a final mark; a rule).
+- `refresh` recomputes every board of a competition and stores them. The worker calls it once a finished
+  run is committed (worker.tasks), so a request normally finds the cache fresh.
+- `cached` serves the stored payload. A request that finds it stale refreshes it, unless another refresh
+  started within REFRESH_CLAIM (then it serves the stale payload, marked `stale`).
+
+What the payload holds is everything, private numbers and configs included; `view` cuts it down to what
+the viewer may see (phase, role, team) on every read, so the cache itself never depends on who asks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from sqlalchemy import and_, false, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.auth.models import User
+from app.competitions.models import Competition, Membership, Team
+from app.db import session_scope, upsert_insert, utcnow
+from app.leaderboard import bands
+from app.leaderboard.models import BoardCache, TeamBest
+from app.leaderboard.service import best_per_team
+from app.submissions.models import Run, RunLogits, RunStatus, Submission, TestLabels
+from worker.engine.split import public_private_indices
+
+log = logging.getLogger("hparena.board")
+
+REFRESH_CLAIM = timedelta(seconds=60)  # a refresh older than this is presumed dead: another may start
+PRIVATE_FIELDS = ("private_accuracy", "private_accuracy_std", "private_seed_scores", "private_ece")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Staleness and refresh
+# ----------------------------------------------------------------------------------------------------
+
+
+def bump(session: Session, competition_id: int) -> None:
+    """What the boards show changed in this transaction: they are stale from its commit on."""
+    ins = upsert_insert(session.get_bind(), BoardCache).values(competition_id=competition_id, version=1)
+    session.execute(ins.on_conflict_do_update(index_elements=["competition_id"],
+                                              set_={"version": BoardCache.version + 1}))
+
+
+def refresh(competition_id: int, *, force: bool = False) -> dict[str, Any] | None:
+    """Recompute and store a competition's boards, in transactions of its own. Returns the payload, or None
+    when another refresh is under way (and `force` is not set) or the cache is already fresh."""
+    now = utcnow()
+    with session_scope() as session:
+        bump_row = upsert_insert(session.get_bind(), BoardCache).values(competition_id=competition_id, version=0)
+        session.execute(bump_row.on_conflict_do_nothing())
+        c = BoardCache
+        claim = update(c).where(c.competition_id == competition_id)
+        if not force:
+            claim = claim.where(or_(c.computed_version.is_(None), c.computed_version < c.version),
+                                or_(c.refreshing_since.is_(None), c.refreshing_since < now - REFRESH_CLAIM))
+        if session.execute(claim.values(refreshing_since=now).execution_options(synchronize_session=False)
+                           ).rowcount == 0:
+            return None
+    try:
+        with session_scope() as session:
+            # The version read before computing: a change committed meanwhile bumps past it, so the next
+            # reader refreshes again rather than trusting a payload that missed it.
+            version = session.scalar(select(BoardCache.version).where(BoardCache.competition_id == competition_id))
+            comp = session.get(Competition, competition_id)
+            if comp is None:
+                return None
+            payload = compute(session, comp)
+            payload["version"] = version
+            session.execute(update(BoardCache).where(BoardCache.competition_id == competition_id).values(
+                payload=payload, computed_version=version, computed_at=utcnow(), refreshing_since=None))
+        return payload
+    except Exception:
+        with session_scope() as session:  # let the next reader try at once instead of after the claim expires
+            session.execute(update(BoardCache).where(BoardCache.competition_id == competition_id)
+                            .values(refreshing_since=None))
+        raise
+
+
+def cached(session: Session, comp: Competition) -> tuple[dict[str, Any], bool]:
+    """(payload, stale): the stored boards, refreshed first when stale and nobody else is refreshing."""
+    row = session.execute(select(BoardCache.payload, BoardCache.version, BoardCache.computed_version)
+                          .where(BoardCache.competition_id == comp.id)).first()
+    if row is not None and row.payload is not None and row.computed_version == row.version:
+        return row.payload, False
+    payload = refresh(comp.id)
+    if payload is not None:
+        return payload, False
+    if row is not None and row.payload is not None:
+        return row.payload, True  # another request is refreshing it right now
+    fresh = session.execute(select(BoardCache.payload).where(BoardCache.competition_id == comp.id)).scalar()
+    if fresh is not None:
+        return fresh, False
+    return compute(session, comp), False  # a first refresh is under way elsewhere: compute without storing
+
+
+# ----------------------------------------------------------------------------------------------------
+# Computing the boards
+# ----------------------------------------------------------------------------------------------------
+
+
+def compute(session: Session, comp: Competition) -> dict[str, Any]:
+    """Every board of `comp`, with everything in it (private numbers, configs): `view` filters per reader."""
+    labels_rows = session.scalar(select(TestLabels.rows).where(TestLabels.competition_id == comp.id))
+    public = _rows(session, comp, select(TeamBest.submission_id).where(TeamBest.competition_id == comp.id))
+    frozen = None
+    if comp.freeze_at is not None:
+        best = best_per_team(Submission.competition_id == comp.id, Submission.finished_at <= comp.freeze_at
+                             ).subquery()
+        frozen = _rows(session, comp, select(best.c.submission_id))
+    private = _rows(session, comp, _final_choices(comp.id))
+    baselines = _rows(session, comp, select(Submission.id).where(
+        Submission.competition_id == comp.id, Submission.is_baseline, Submission.status == RunStatus.succeeded))
+    frozen_baselines = [b for b in baselines if comp.freeze_at and b["finished_at"] <= comp.freeze_at.isoformat()]
+    return {
+        "computed_at": utcnow().isoformat(),
+        "test_rows": labels_rows,
+        "public": _board(public, baselines, "public", labels_rows),
+        "frozen": None if frozen is None else _board(frozen, frozen_baselines, "public", labels_rows),
+        "private": _board(_best_private(private), baselines, "private", labels_rows),
+    }
+
+
+def _final_choices(competition_id: int):
+    """Each team's final entries: those it marked, or, when it marked none, its best public entry."""
+    marked = select(Submission.team_id).where(Submission.competition_id == competition_id, Submission.final)
+    return select(Submission.id).where(
+        Submission.competition_id == competition_id, Submission.status == RunStatus.succeeded,
+        Submission.is_baseline.is_(false()),
+        or_(Submission.final,
+            and_(Submission.team_id.not_in(marked),
+                 Submission.id.in_(select(TeamBest.submission_id).where(TeamBest.competition_id == competition_id)))))
+
+
+def _best_private(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of each team's final entries, the one with the best private accuracy (then public, then the earlier)."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: (-(r["private_accuracy"] or 0.0), -(r["accuracy"] or 0.0),
+                                         r["submission_id"])):
+        best.setdefault(r["team_id"], r)
+    return list(best.values())
+
+
+def _rows(session: Session, comp: Competition, ids) -> list[dict[str, Any]]:
+    """One row per submission in `ids` (a select of submission ids), with its scoring round's per-seed scores
+    and its per-image correctness (bytes, popped before storing)."""
+    s = Submission
+    subs = session.execute(
+        select(s.id, s.team_id, Team.name.label("team"), Team.submissions, s.kind, s.members, s.is_baseline,
+               s.final, s.accuracy, s.accuracy_std, s.ece, s.private_accuracy, s.private_accuracy_std,
+               s.private_ece, s.gpu_seconds, s.created_at, s.finished_at, s.device_mismatch, s.config, s.round)
+        .join(Team, Team.id == s.team_id).where(s.id.in_(ids), s.status == RunStatus.succeeded)).all()
+    if not subs:
+        return []
+    runs: dict[int, list[Any]] = {}
+    for r in session.execute(
+            select(Run.submission_id, Run.seed, Run.accuracy, Run.private_accuracy, RunLogits.correct, RunLogits.rows)
+            .join(Submission, Submission.id == Run.submission_id)
+            .outerjoin(RunLogits, RunLogits.run_id == Run.id)
+            .where(Run.submission_id.in_([x.id for x in subs]), Run.round == Submission.round,
+                   Run.status == RunStatus.succeeded)
+            .order_by(Run.submission_id, Run.seed)):
+        runs.setdefault(r.submission_id, []).append(r)
+    out = []
+    for x in subs:
+        mine = runs.get(x.id, [])
+        out.append({
+            "submission_id": x.id, "team_id": x.team_id, "team": x.team, "submissions": x.submissions,
+            "kind": "baseline" if x.is_baseline else x.kind, "members": x.members, "baseline": x.is_baseline,
+            "final": x.final, "accuracy": x.accuracy, "accuracy_std": x.accuracy_std, "ece": x.ece,
+            "seed_scores": [{"seed": r.seed, "accuracy": r.accuracy} for r in mine],
+            "private_accuracy": x.private_accuracy, "private_accuracy_std": x.private_accuracy_std,
+            "private_ece": x.private_ece,
+            "private_seed_scores": [{"seed": r.seed, "accuracy": r.private_accuracy} for r in mine],
+            "gpu_hours": None if x.gpu_seconds is None else x.gpu_seconds / 3600,
+            "best_at": x.created_at.isoformat(), "finished_at": x.finished_at.isoformat() if x.finished_at else "",
+            "device_mismatch": x.device_mismatch, "config": x.config,
+            "_correct": [(r.correct, r.rows) for r in mine] if mine and all(r.correct for r in mine) else None,
+        })
+    return out
+
+
+def _board(entries: list[dict[str, Any]], baselines: list[dict[str, Any]], half: str,
+           test_rows: int | None) -> dict[str, Any]:
+    """Rank `entries` by their `half`'s accuracy with bands, flag the Pareto front, and place the baselines
+    (unranked) where their score falls."""
+    score = "accuracy" if half == "public" else "private_accuracy"
+    entries = [e for e in entries if e[score] is not None]  # a score the engine did not report ranks nowhere
+    means = np.array([e[score] for e in entries], dtype=np.float64)
+    correct = [_matrix(e.pop("_correct"), half, test_rows) for e in entries]
+    result = bands.band_ranks(means, correct)
+    front = bands.pareto_front([e[score] for e in entries], [e["gpu_hours"] for e in entries])
+    for e, rank, tie, on_front in zip(entries, result.rank, result.tie, front, strict=True):
+        e.update(rank=int(rank), tie=bool(tie), pareto=bool(on_front))
+    entries.sort(key=lambda e: (e["rank"], -e[score], e["gpu_hours"] if e["gpu_hours"] is not None else
+                                float("inf"), e["best_at"], e["submission_id"]))
+    for b in baselines:
+        b.pop("_correct", None)
+        b.update(rank=None, tie=False, pareto=False)
+    rows = list(entries)
+    for b in sorted(baselines, key=lambda b: -(b[score] or 0.0)):
+        at = next((i for i, e in enumerate(rows) if e["rank"] is not None and (e[score] or 0.0) < (b[score] or 0.0)),
+                  len(rows))
+        rows.insert(at, b)
+    for i, e in enumerate(rows, 1):
+        e["position"] = i
+    m = result.method
+    return {"half": half, "entries": rows, "bands": {
+        "test": m.test, "alpha": m.alpha, "resamples": m.resamples, "seed": m.seed,
+        "available": all(c is not None for c in correct)}}
+
+
+def _matrix(correct: list[tuple[bytes, int]] | None, half: str, test_rows: int | None) -> np.ndarray | None:
+    """A (seeds x images of the half) bool matrix from each run's packed correctness, or None without data."""
+    if not correct or any(rows != (test_rows or correct[0][1]) for _, rows in correct):
+        return None
+    public, private = public_private_indices(correct[0][1])
+    return bands.seed_matrix([bits for bits, _ in correct], correct[0][1], public if half == "public" else private)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Who sees what
+# ----------------------------------------------------------------------------------------------------
+
+
+def phase(comp: Competition, now: datetime | None = None) -> str:
+    """open, frozen (from freeze_at) or closed (after the deadline)."""
+    now = now or utcnow()
+    if comp.deadline is not None and now > comp.deadline:
+        return "closed"
+    if comp.freeze_at is not None and now >= comp.freeze_at:
+        return "frozen"
+    return "open"
+
+
+def viewer_team(session: Session, comp: Competition, user: User | None) -> int | None:
+    if user is None:
+        return None
+    return session.scalar(select(Membership.team_id).where(Membership.user_id == user.id,
+                                                           Membership.competition_id == comp.id))
+
+
+def view(payload: dict[str, Any], comp: Competition, *, board: str, manager: bool, team_id: int | None,
+         now: datetime | None = None) -> dict[str, Any]:
+    """The board `board` ("public" or "private") as this reader may see it. The caller has checked that the
+    reader may see the private board at all (after close, or a manager)."""
+    p = phase(comp, now)
+    private_ok = manager or p == "closed"
+    configs_ok = manager or p == "closed" and comp.reveal_configs
+    frozen = board == "public" and p == "frozen" and payload.get("frozen") is not None and not manager
+    data = payload["frozen"] if frozen else payload[board]
+    rows = [dict(e) for e in data["entries"]]
+    if frozen and team_id is not None:
+        live = next((e for e in payload["public"]["entries"] if e["team_id"] == team_id), None)
+        mine = next((e for e in rows if e["team_id"] == team_id), None)
+        if live is not None and (mine is None or _scores(live) != _scores(mine)):
+            own = dict(live, rank=None, tie=False, pareto=False, live=True)
+            at = next((i for i, e in enumerate(rows) if (e["accuracy"] or 0.0) < (own["accuracy"] or 0.0)),
+                      len(rows))
+            rows.insert(at, own)
+    for e in rows:
+        e.setdefault("live", False)
+        if not private_ok:
+            for f in PRIVATE_FIELDS:
+                e[f] = None
+        if not (configs_ok or team_id is not None and e["team_id"] == team_id):
+            e["config"] = None
+        e.pop("finished_at", None)
+    return {"board": board, "phase": p, "frozen": frozen, "entries": rows, "bands": data["bands"],
+            "computed_at": payload["computed_at"]}
+
+
+def _scores(e: dict[str, Any]) -> tuple:
+    return e["submission_id"], e["accuracy"], e["accuracy_std"]
+
+
+def efficiency(rows: list[dict[str, Any]], score: str) -> list[dict[str, Any]]:
+    """The Pareto front of accuracy against GPU-hours, cheapest first: the "efficiency" board."""
+    front = [e for e in rows if e["pareto"]]
+    return sorted(front, key=lambda e: (e["gpu_hours"], -(e[score] or 0.0)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------
+
+_SCALAR = ("position", "rank", "tie", "team", "team_id", "submission_id", "kind", "baseline", "final", "live",
+           "accuracy", "accuracy_std", "ece", "gpu_hours", "submissions", "best_at", "pareto", "device_mismatch")
+_PRIVATE_SCALAR = ("private_accuracy", "private_accuracy_std", "private_ece")
+_TYPES = {"position": int, "rank": int, "team_id": int, "submission_id": int, "submissions": int,
+          "tie": bool, "baseline": bool, "final": bool, "live": bool, "pareto": bool, "device_mismatch": bool,
+          "accuracy": float, "accuracy_std": float, "ece": float, "gpu_hours": float,
+          "private_accuracy": float, "private_accuracy_std": float, "private_ece": float}
+
+
+def export_rows(entries: list[dict[str, Any]], private: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    """(columns, flat rows): per-seed scores as seed{i} / seed{i}_accuracy (/ seed{i}_private_accuracy),
+    the config as JSON text. The same rows make the CSV and the JSON export."""
+    k = max((len(e["seed_scores"]) for e in entries), default=0)
+    columns = list(_SCALAR) + (list(_PRIVATE_SCALAR) if private else [])
+    for i in range(1, k + 1):
+        columns += [f"seed{i}", f"seed{i}_accuracy"] + ([f"seed{i}_private_accuracy"] if private else [])
+    columns.append("config")
+    out = []
+    for e in entries:
+        row = {c: e.get(c) for c in _SCALAR}
+        if private:
+            row.update({c: e.get(c) for c in _PRIVATE_SCALAR})
+        for i in range(k):
+            s = e["seed_scores"][i] if i < len(e["seed_scores"]) else None
+            row[f"seed{i + 1}"] = s and s["seed"]
+            row[f"seed{i + 1}_accuracy"] = s and s["accuracy"]
+            if private:
+                ps = e["private_seed_scores"][i] if i < len(e["private_seed_scores"] or []) else None
+                row[f"seed{i + 1}_private_accuracy"] = ps and ps["accuracy"]
+        row["config"] = None if e.get("config") is None else json.dumps(e["config"], sort_keys=True)
+        out.append(row)
+    return columns, out
+
+
+def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: "" if r[c] is None else (str(r[c]).lower() if isinstance(r[c], bool) else r[c])
+                    for c in columns})
+    return buf.getvalue()
+
+
+def from_csv(text: str) -> list[dict[str, Any]]:
+    """The export's CSV read back with its columns' types (the inverse of to_csv, for clients and tests)."""
+    def cast(column: str, value: str) -> Any:
+        if value == "":
+            return None
+        t = _TYPES.get(column) or (int if column.startswith("seed") and column[4:].isdigit() else
+                                   float if column.startswith("seed") else str)
+        return value == "true" if t is bool else t(value)
+    return [{c: cast(c, v) for c, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
