@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     # Worker behaviour.
     hardware_class: str = "cpu"  # which queue this worker consumes: train.<hardware_class>
     heartbeat_seconds: float = 5.0
+    # How often each worker's parent looks for competitions whose cached boards are stale (a result landed, a
+    # final mark, a rule) and recomputes them (app.leaderboard.board.refresh_stale).
+    board_refresh_seconds: float = Field(2.0, gt=0, le=3600)
     # A running run whose heartbeat is older than this is presumed dead; its redelivered message may retake it.
     stale_after_seconds: float = 60.0
     max_attempts: int = 3

@@ -140,8 +140,8 @@ def main() -> None:
             ["  its board.cached(), in-process (ms)", c.median(read_ms), _pct(read_ms, 95), len(read_ms)],
         ]))
         print("refresh split (one more call, s): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
-        print(f"response: {entries} entries, {size:,} bytes of JSON; stored payload (all boards, read whole by "
-              f"every request): {stored:,} bytes; {c.load_note()}")
+        print(f"response: {entries} entries, {size:,} bytes of JSON; stored payload (all boards; each API "
+              f"process parses it once per refresh): {stored:,} bytes; {c.load_note()}")
         print(f"RATIO recompute/cached = {ratio:.1f}x at {args.teams} teams, {args.images:,} images "
               f"(refresh {c.median(refresh_s):.2f} s, cached GET {c.median(cached_ms):.1f} ms; "
               f"target >= {TARGET:.0f}x): {c.verdict(ratio >= TARGET)}")

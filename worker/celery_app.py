@@ -116,6 +116,23 @@ def _announce(sender, **_):
             _stop.wait(settings.sweep_seconds)
 
     threading.Thread(target=beat, name="hparena-fleet-heartbeat", daemon=True).start()
+    threading.Thread(target=_refresh_boards, name="hparena-board-refresher", daemon=True).start()
+
+
+def _refresh_boards() -> None:
+    """Recompute the cached boards of every competition whose results changed (app.leaderboard.board),
+    here in the worker's parent rather than in the training child, so a GPU never idles while a thousand
+    entries are banded. Every worker polls; the claim in board.refresh lets one of them do each."""
+    from app.leaderboard import board
+
+    settings = get_settings()
+    while not _stop.is_set():
+        try:
+            for competition_id in board.refresh_stale():
+                log.info("refreshed the boards of competition %s", competition_id)
+        except Exception:  # the database may be briefly unavailable; try again next poll
+            log.exception("board refresh failed")
+        _stop.wait(settings.board_refresh_seconds)
 
 
 @worker_shutdown.connect

@@ -30,7 +30,6 @@ from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from billiard.pool import SIG_SOFT_TIMEOUT
 from celery.exceptions import Reject
 from celery.worker.request import Request
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from app.admin.models import HardwareClass
@@ -42,7 +41,7 @@ from app.hardware import check_result, class_of_queue, get_class, thread_share
 from app.queue import TRAIN_TASK
 from app.submissions import runs
 from app.submissions.limits import TimeLimits, time_limits
-from app.submissions.models import FailureKind, Run, RunStatus, Submission
+from app.submissions.models import FailureKind, Run, RunStatus
 from worker.celery_app import celery, hardware_problem
 from worker.engine.config import DataSpec
 from worker.engine.result import (
@@ -71,21 +70,6 @@ def _cached_dataset(spec_json: str):
     s = get_settings()
     return load_dataset(DataSpec.model_validate_json(spec_json), s.data_dir, download=s.allow_download,
                         default_path=s.dataset_path)
-
-
-def _refresh_board(run_id: int) -> None:
-    """A result landed: recompute its competition's cached boards now (rank bands, private board), so the
-    next reader finds them fresh. A failure here costs freshness, not the result: a reader refreshes."""
-    from app.leaderboard import board
-
-    try:
-        with session_scope() as s:
-            competition_id = s.scalar(select(Submission.competition_id).join(Run, Run.submission_id == Submission.id)
-                                      .where(Run.id == run_id))
-        if competition_id is not None:
-            board.refresh(competition_id)
-    except Exception:
-        log.exception("could not refresh the boards after run %s", run_id)
 
 
 def _drop_checkpoint(directory: Path) -> None:
@@ -431,8 +415,6 @@ def train_run(self, deployment: str | None = None) -> str:
                                    wall_seconds=time.perf_counter() - t0)
         if not_ours != runs.SUPERSEDED:
             _drop_checkpoint(ckpt)  # the run is over: nothing will resume it
-        if not_ours is None:
-            _refresh_board(run_id)
         return not_ours or result.status.value
     except Exception as exc:
         try:

@@ -5,10 +5,14 @@ Computing a board means a paired bootstrap over every entry (app.leaderboard.ban
 teams, so it is done once per change and kept in `board_cache` (leaderboard.models.BoardCache):
 - `bump` marks a competition's boards stale, in the transaction that changes what they show (a submission's
   status or scores: leaderboard.service.note_submission; a final mark; a rule).
-- `refresh` recomputes every board of a competition and stores them. The worker calls it once a finished
-  run is committed (worker.tasks), so a request normally finds the cache fresh.
-- `cached` serves the stored payload. A request that finds it stale refreshes it, unless another refresh
-  started within REFRESH_CLAIM (then it serves the stale payload, marked `stale`).
+- `refresh` recomputes every board of a competition and stores them, claiming the work first
+  (`refreshing_since`) so that two processes don't compute the same boards at once.
+- `refresh_stale` refreshes every stale competition; each worker's parent process polls it every
+  `board_refresh_seconds` (worker.celery_app), so a landed result is ranked within seconds, off the GPU's
+  time, and a burst of results costs one refresh, not one each.
+- `cached` serves the stored payload, parsed once per process. A request that finds it stale while nobody
+  is refreshing it refreshes it; while another refresh is under way it serves the previous payload, marked
+  `stale`.
 
 What the payload holds is everything, private numbers and configs included; `view` cuts it down to what
 the viewer may see (phase, role, team) on every read, so the cache itself never depends on who asks.
@@ -21,6 +25,7 @@ import io
 import json
 import logging
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -89,21 +94,53 @@ def refresh(competition_id: int, *, force: bool = False) -> dict[str, Any] | Non
         raise
 
 
+def refresh_stale() -> list[int]:
+    """Refresh every competition whose boards are stale and that nobody is refreshing (the workers' poll)."""
+    with session_scope() as session:
+        c = BoardCache
+        stale = list(session.scalars(select(c.competition_id).where(
+            or_(c.computed_version.is_(None), c.computed_version < c.version),
+            or_(c.refreshing_since.is_(None), c.refreshing_since < utcnow() - REFRESH_CLAIM))))
+    return [competition_id for competition_id in stale if refresh(competition_id) is not None]
+
+
+# Each process keeps the last payload it parsed per competition, keyed by when it was computed: a request
+# reads two integers and a timestamp instead of parsing megabytes of JSON for a thousand teams.
+_PARSED: dict[int, tuple[datetime, dict[str, Any]]] = {}
+
+
 def cached(session: Session, comp: Competition) -> tuple[dict[str, Any], bool]:
-    """(payload, stale): the stored boards, refreshed first when stale and nobody else is refreshing."""
-    row = session.execute(select(BoardCache.payload, BoardCache.version, BoardCache.computed_version)
+    """(payload, stale): the stored boards. When they are stale and nobody is refreshing them (no worker has
+    yet: a rule changed a moment ago), this request refreshes them; while another is, the previous payload is
+    served, marked stale."""
+    row = session.execute(select(BoardCache.version, BoardCache.computed_version, BoardCache.computed_at,
+                                 BoardCache.refreshing_since)
                           .where(BoardCache.competition_id == comp.id)).first()
-    if row is not None and row.payload is not None and row.computed_version == row.version:
-        return row.payload, False
+    fresh = row is not None and row.computed_version is not None and row.computed_version == row.version
+    busy = row is not None and row.refreshing_since is not None and row.refreshing_since >= utcnow() - REFRESH_CLAIM
+    if row is not None and row.computed_at is not None and (fresh or busy):
+        return _payload(session, comp.id, row.computed_at), not fresh
     payload = refresh(comp.id)
     if payload is not None:
         return payload, False
-    if row is not None and row.payload is not None:
-        return row.payload, True  # another request is refreshing it right now
-    fresh = session.execute(select(BoardCache.payload).where(BoardCache.competition_id == comp.id)).scalar()
-    if fresh is not None:
-        return fresh, False
-    return compute(session, comp), False  # a first refresh is under way elsewhere: compute without storing
+    # Someone claimed the refresh between our read and our claim: serve what is stored, or a first computation.
+    computed_at = session.scalar(select(BoardCache.computed_at).where(BoardCache.competition_id == comp.id))
+    if computed_at is not None:
+        return _payload(session, comp.id, computed_at), True
+    return compute(session, comp), False
+
+
+def _payload(session: Session, competition_id: int, computed_at: datetime) -> dict[str, Any]:
+    memo = _PARSED.get(competition_id)
+    if memo is not None and memo[0] == computed_at:
+        return memo[1]
+    payload = session.scalar(select(BoardCache.payload).where(BoardCache.competition_id == competition_id,
+                                                              BoardCache.computed_at == computed_at))
+    if payload is None:  # refreshed again meanwhile: take the newest
+        computed_at, payload = session.execute(select(BoardCache.computed_at, BoardCache.payload).where(
+            BoardCache.competition_id == competition_id)).one()
+    _PARSED[competition_id] = (computed_at, payload)
+    return payload
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,9 +161,13 @@ def compute(session: Session, comp: Competition) -> dict[str, Any]:
     baselines = _rows(session, comp, select(Submission.id).where(
         Submission.competition_id == comp.id, Submission.is_baseline, Submission.status == RunStatus.succeeded))
     frozen_baselines = [b for b in baselines if comp.freeze_at and b["finished_at"] <= comp.freeze_at.isoformat()]
+    configs = {}  # each submission's config once, not once per board it is on
+    for e in (*public, *(frozen or ()), *private, *baselines):
+        configs[str(e["submission_id"])] = e.pop("config", configs.get(str(e["submission_id"])))
     return {
         "computed_at": utcnow().isoformat(),
         "test_rows": labels_rows,
+        "configs": configs,
         "public": _board(public, baselines, "public", labels_rows),
         "frozen": None if frozen is None else _board(frozen, frozen_baselines, "public", labels_rows),
         "private": _board(_best_private(private), baselines, "private", labels_rows),
@@ -206,9 +247,9 @@ def _board(entries: list[dict[str, Any]], baselines: list[dict[str, Any]], half:
         e.update(rank=int(rank), tie=bool(tie), pareto=bool(on_front))
     entries.sort(key=lambda e: (e["rank"], -e[score], e["gpu_hours"] if e["gpu_hours"] is not None else
                                 float("inf"), e["best_at"], e["submission_id"]))
+    baselines = [dict(b, rank=None, tie=False, pareto=False) for b in baselines]  # shared by every board
     for b in baselines:
         b.pop("_correct", None)
-        b.update(rank=None, tie=False, pareto=False)
     rows = list(entries)
     for b in sorted(baselines, key=lambda b: -(b[score] or 0.0)):
         at = next((i for i, e in enumerate(rows) if e["rank"] is not None and (e[score] or 0.0) < (b[score] or 0.0)),
@@ -226,8 +267,13 @@ def _matrix(correct: list[tuple[bytes, int]] | None, half: str, test_rows: int |
     """A (seeds x images of the half) bool matrix from each run's packed correctness, or None without data."""
     if not correct or any(rows != (test_rows or correct[0][1]) for _, rows in correct):
         return None
-    public, private = public_private_indices(correct[0][1])
-    return bands.seed_matrix([bits for bits, _ in correct], correct[0][1], public if half == "public" else private)
+    return bands.seed_matrix([bits for bits, _ in correct], correct[0][1], _half(correct[0][1], half))
+
+
+@lru_cache(maxsize=8)
+def _half(rows: int, half: str) -> np.ndarray:
+    public, private = public_private_indices(rows)
+    return np.asarray(public if half == "public" else private, dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,8 +321,8 @@ def view(payload: dict[str, Any], comp: Competition, *, board: str, manager: boo
         if not private_ok:
             for f in PRIVATE_FIELDS:
                 e[f] = None
-        if not (configs_ok or team_id is not None and e["team_id"] == team_id):
-            e["config"] = None
+        shown = configs_ok or team_id is not None and e["team_id"] == team_id
+        e["config"] = payload["configs"].get(str(e["submission_id"])) if shown else None
         e.pop("finished_at", None)
     return {"board": board, "phase": p, "frozen": frozen, "entries": rows, "bands": data["bands"],
             "computed_at": payload["computed_at"]}
