@@ -27,23 +27,18 @@ from sqlalchemy.orm import Session
 
 from app import costs
 from app.audit.service import record
-from app.auth.models import Role, User
+from app.auth.models import User
 from app.competitions.models import Competition, Team
+from app.competitions.service import require_manager
 from app.config import get_settings
 from app.dispatch import wake_after_commit
-from app.errors import Conflict, Forbidden, InvalidField, NotFound
+from app.errors import Conflict, InvalidField, NotFound
 from app.leaderboard.models import TeamBest
 from app.submissions.models import TERMINAL, Rescore, Run, RunStatus, Submission, SubmissionKind
 from app.submissions.service import derive_status, run_spec
 from worker.engine.config import TrainConfig
 
 DEFAULT_THRESHOLD = 0.005  # half a point of accuracy: about the seed-to-seed spread of a CIFAR-10 score
-
-
-def check_organizer(comp: Competition, user: User) -> None:
-    """Rescores are the competition's organizer's (or an admin's) tool."""
-    if user.role != Role.admin and comp.created_by_id != user.id:
-        raise Forbidden(f"only the organizer of competition {comp.slug!r} or an admin may rescore it")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,7 +54,7 @@ def start(session: Session, comp: Competition, user: User, submission_ids: list[
     Named entries must be succeeded train submissions of this competition (a baseline may be one); an
     ensemble has nothing to re-train: its members can be rescored instead. By default, each team's entries
     marked final, or its best entry when it marked none, leaving out those that can't be rescored."""
-    check_organizer(comp, user)
+    require_manager(comp, user)
     if submission_ids is None:
         subs = [s for s in _subs(session, comp, final_entries(session, comp)) if _why_not(s) is None]
         if not subs:
@@ -193,7 +188,7 @@ class Report:
 
 
 def get(session: Session, comp: Competition, user: User, rescore_id: int) -> Report:
-    check_organizer(comp, user)
+    require_manager(comp, user)
     rescore = session.get(Rescore, rescore_id)
     if rescore is None or rescore.competition_id != comp.id:
         raise NotFound(f"no rescore {rescore_id} of competition {comp.slug!r}")
@@ -202,7 +197,7 @@ def get(session: Session, comp: Competition, user: User, rescore_id: int) -> Rep
 
 def list_for(session: Session, comp: Competition, user: User) -> list[Report]:
     """The competition's rescores, the latest first."""
-    check_organizer(comp, user)
+    require_manager(comp, user)
     rescores = session.scalars(select(Rescore).where(Rescore.competition_id == comp.id)
                                .order_by(Rescore.round.desc()))
     return [report(session, comp, r) for r in rescores]

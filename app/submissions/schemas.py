@@ -131,6 +131,8 @@ class SubmissionOut(BaseModel):
     kind: str = Field("train", description="train: its runs train; ensemble: scored from its members' stored "
                                            "logits, no training (config is then {\"ensemble_of\": members}).")
     members: list[int] | None = Field(None, description="An ensemble's member submissions, in the order given.")
+    final: bool = Field(False, description="Marked final by its team (PUT /api/competitions/{slug}/final-entries).")
+    is_baseline: bool = Field(False, description="An organizer's baseline: an unranked reference line on the boards.")
     failure_kind: str | None = Field(description=FAILURE_KIND)
     predicted_seconds: float | None = Field(description="Device-seconds predicted at submission, all seeds: "
                                                         "epochs x training images x seeds / the class's measured "
