@@ -125,13 +125,18 @@ def _watch(http, admin, submitted, console, exit_when_done, procs) -> int:
 
 
 def _board_table(board: dict) -> Table:
-    t = Table(title=f"Leaderboard: {board['title']}")
+    t = Table(title=f"Leaderboard: {board['title']} (rank bands: {board['bands']['test']}, "
+                    f"alpha {board['bands']['alpha']})")
     unit = board.get("cost_unit", "gpu-hours")  # cpu-hours on a CPU class
-    for col in ("rank", "team", "accuracy", unit, "submissions", "best at"):
+    for col in ("rank", "team", "accuracy", "ECE", unit, "Pareto", "submissions", "best at"):
         t.add_column(col)
     for e in board["entries"]:
-        t.add_row(str(e["rank"]), e["team"], f"{e['accuracy']:.4f}", f"{(e['gpu_hours'] or 0):.5f}",
-                  str(e["submissions"]), e["best_at"][11:19])
+        # "2=": shares band 2 with another entry; its place inside the band is a tie-break, not significant.
+        rank = "-" if e["rank"] is None else f"{e['rank']}{'=' if e['tie'] else ''}"
+        acc = f"{e['accuracy']:.4f}" + (f" ± {e['accuracy_std']:.4f}" if e["accuracy_std"] is not None else "")
+        t.add_row(rank, e["team"] + (" (baseline)" if e["baseline"] else ""), acc,
+                  "-" if e["ece"] is None else f"{e['ece']:.3f}", f"{(e['gpu_hours'] or 0):.5f}",
+                  "*" if e["pareto"] else "", str(e["submissions"]), e["best_at"][11:19])
     return t
 
 

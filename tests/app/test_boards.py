@@ -13,6 +13,8 @@ from app.db import utcnow
 from app.leaderboard.board import from_csv
 from tests.factories import join, land, make_competition, make_organizer
 
+pytestmark = pytest.mark.slow
+
 N = 2000  # test images: the public and private halves get 1,000 each
 LABELS = [i % 10 for i in range(N)]
 
