@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # How often each worker's parent looks for competitions whose cached boards are stale (a result landed, a
     # final mark, a rule) and recomputes them (app.leaderboard.board.refresh_stale).
     board_refresh_seconds: float = Field(2.0, gt=0, le=3600)
+    # A stale board younger than this is served as it is (marked stale) while the workers refresh it; an older
+    # one, which no worker refreshed (none running), is refreshed by the request that finds it. 0: always.
+    board_stale_grace_seconds: float = Field(15.0, ge=0, le=86400)
     # A running run whose heartbeat is older than this is presumed dead; its redelivered message may retake it.
     stale_after_seconds: float = 60.0
     max_attempts: int = 3

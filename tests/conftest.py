@@ -97,6 +97,9 @@ def settings_env(monkeypatch, database_url, var_dir, tiny_cifar):
     monkeypatch.setenv("HPARENA_BROKER_URL", "filesystem://")
     monkeypatch.setenv("HPARENA_ADMIN_TOKEN", "test-admin-token")
     monkeypatch.setenv("HPARENA_DEVICE", "cpu")
+    # No worker polls for stale boards in API tests: a request refreshes them itself (tests/app/test_boards.py
+    # covers the grace a deployment with workers runs under).
+    monkeypatch.setenv("HPARENA_BOARD_STALE_GRACE_SECONDS", "0")
     reset_caches()
     yield run_dir
     reset_caches()

@@ -16,7 +16,7 @@ from app.db import utcnow
 from app.errors import Conflict, Forbidden, InvalidField, NotFound
 from app.hardware import require_class
 from app.leaderboard import board
-from app.leaderboard.models import TeamBest
+from app.leaderboard.service import final_entries as final_entries_of
 from app.names import name_key
 from app.submissions.models import RunStatus, Submission
 from app.submissions.service import create_submission
@@ -148,17 +148,15 @@ def membership(session: Session, comp: Competition, user: User) -> Membership:
 
 
 def final_entries(session: Session, comp: Competition, team_id: int) -> FinalEntriesOut:
-    """The team's marked final entries, and what the private board judges it on: those, or when none are
-    marked its best public entry. Never chosen by a private score."""
+    """The team's marked final entries, and what the private board judges it on (leaderboard.service.
+    final_entries): its marks that succeeded, or when none did its best public entry. Never chosen by a
+    private score."""
     chosen = list(session.scalars(select(Submission.id).where(
         Submission.team_id == team_id, Submission.competition_id == comp.id, Submission.final.is_(true()))
         .order_by(Submission.id)))
-    effective = chosen
-    if not chosen:
-        best = session.scalar(select(TeamBest.submission_id).where(TeamBest.competition_id == comp.id,
-                                                                   TeamBest.team_id == team_id))
-        effective = [best] if best is not None else []
-    return FinalEntriesOut(limit=comp.final_entries, chosen=chosen, effective=effective, default_used=not chosen,
+    effective = sorted(session.scalars(select(final_entries_of(comp, team_id).subquery().c.submission_id)))
+    default_used = not set(effective) & set(chosen)
+    return FinalEntriesOut(limit=comp.final_entries, chosen=chosen, effective=effective, default_used=default_used,
                            locked=_locked(comp))
 
 
@@ -173,8 +171,11 @@ def set_final_entries(session: Session, comp: Competition, member: Membership, u
         raise InvalidField("submission_ids", submission_ids,
                            f"at most {comp.final_entries} final entries in this competition, got "
                            f"{len(submission_ids)}", [f"at most {comp.final_entries} ids"])
-    # Serialises the team's concurrent choices (PostgreSQL), so two PUTs can't leave a mix of both.
-    session.execute(select(Team.id).where(Team.id == member.team_id).with_for_update())
+    # Serialises the team's concurrent choices (PostgreSQL), so two PUTs can't leave a mix of both: the team's
+    # submission rows, in id order, and not the team's row, which a claim locks after a submission's (a
+    # running cap): taken in the other order the two could deadlock.
+    of_team = (Submission.team_id == member.team_id) & (Submission.competition_id == comp.id)
+    session.execute(select(Submission.id).where(of_team).order_by(Submission.id).with_for_update())
     found = {row.id: row.status for row in session.execute(select(Submission.id, Submission.status).where(
         Submission.id.in_(submission_ids), Submission.team_id == member.team_id,
         Submission.competition_id == comp.id, Submission.is_baseline.is_(false())))}
@@ -188,7 +189,6 @@ def set_final_entries(session: Session, comp: Competition, member: Membership, u
         raise InvalidField("submission_ids", list(unusable), "a final entry must be queued, running or succeeded: "
                            + ", ".join(f"{i} is {s}" for i, s in unusable.items()), list(FINAL_STATUSES))
     now = utcnow()
-    of_team = (Submission.team_id == member.team_id) & (Submission.competition_id == comp.id)
     session.execute(update(Submission).where(of_team, Submission.final.is_(true()),
                                              Submission.id.not_in(submission_ids))
                     .values(final=False, final_at=None).execution_options(synchronize_session="fetch"))

@@ -159,17 +159,6 @@ def pareto_front(accuracy: Sequence[float | None], hours: Sequence[float | None]
     return on
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof=1) of a submission's per-seed scores; the std is None for
-    a single value (one seed says nothing about the spread)."""
-    if not values:
-        raise ValueError("mean_std of no values")
-    mean = math.fsum(values) / len(values)
-    if len(values) == 1:
-        return mean, None
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 # ----------------------------------------------------------------------------------------------------
 # The bootstrap
 # ----------------------------------------------------------------------------------------------------

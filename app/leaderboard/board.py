@@ -24,20 +24,23 @@ import csv
 import io
 import json
 import logging
+import math
 from datetime import datetime, timedelta
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, false, or_, select, update
+from sqlalchemy import case, event, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.auth.models import User
 from app.competitions.models import Competition, Membership, Team
+from app.config import get_settings
 from app.db import session_scope, upsert_insert, utcnow
 from app.leaderboard import bands
 from app.leaderboard.models import BoardCache, TeamBest
-from app.leaderboard.service import best_per_team
+from app.leaderboard.service import best_per_team, final_entries
 from app.submissions.models import Run, RunLogits, RunStatus, Submission, TestLabels
 from worker.engine.split import public_private_indices
 
@@ -53,20 +56,42 @@ PRIVATE_FIELDS = ("private_accuracy", "private_accuracy_std", "private_seed_scor
 
 
 def bump(session: Session, competition_id: int) -> None:
-    """What the boards show changed in this transaction: they are stale from its commit on."""
-    ins = upsert_insert(session.get_bind(), BoardCache).values(competition_id=competition_id, version=1)
-    session.execute(ins.on_conflict_do_update(index_elements=["competition_id"],
-                                              set_={"version": BoardCache.version + 1}))
+    """What the boards show changed in this transaction: they are stale from its commit on. The version is
+    written just before the commit (_write_bumps), so the competition's board_cache row is locked only for the
+    commit itself, after every other lock the transaction took: claims and results of one competition don't
+    queue behind one another on it, and no lock order can cycle through it."""
+    session.info.setdefault(_BUMPS, set()).add(competition_id)
+
+
+_BUMPS = "hparena.board_bumps"
+
+
+@event.listens_for(Session, "before_commit")
+def _write_bumps(session: Session) -> None:
+    ids = session.info.pop(_BUMPS, None)
+    if not ids:
+        return
+    now = utcnow()
+    for competition_id in sorted(ids):
+        ins = upsert_insert(session.get_bind(), BoardCache).values(competition_id=competition_id, version=1,
+                                                                   stale_since=now)
+        session.execute(ins.on_conflict_do_update(index_elements=["competition_id"], set_={
+            "version": BoardCache.version + 1, "stale_since": func.coalesce(BoardCache.stale_since, now)}))
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_bumps(session: Session) -> None:
+    session.info.pop(_BUMPS, None)
 
 
 def refresh(competition_id: int, *, force: bool = False) -> dict[str, Any] | None:
     """Recompute and store a competition's boards, in transactions of its own. Returns the payload, or None
     when another refresh is under way (and `force` is not set) or the cache is already fresh."""
     now = utcnow()
+    c = BoardCache
     with session_scope() as session:
-        bump_row = upsert_insert(session.get_bind(), BoardCache).values(competition_id=competition_id, version=0)
-        session.execute(bump_row.on_conflict_do_nothing())
-        c = BoardCache
+        session.execute(upsert_insert(session.get_bind(), c).values(competition_id=competition_id, version=0)
+                        .on_conflict_do_nothing())
         claim = update(c).where(c.competition_id == competition_id)
         if not force:
             claim = claim.where(or_(c.computed_version.is_(None), c.computed_version < c.version),
@@ -76,58 +101,67 @@ def refresh(competition_id: int, *, force: bool = False) -> dict[str, Any] | Non
             return None
     try:
         with session_scope() as session:
-            # The version read before computing: a change committed meanwhile bumps past it, so the next
-            # reader refreshes again rather than trusting a payload that missed it.
-            version = session.scalar(select(BoardCache.version).where(BoardCache.competition_id == competition_id))
+            # The version read before computing: a change committed meanwhile bumps past it, so the boards
+            # stay stale (and are refreshed again) rather than pass for ones that include it.
+            version = session.scalar(select(c.version).where(c.competition_id == competition_id))
             comp = session.get(Competition, competition_id)
             if comp is None:
                 return None
             payload = compute(session, comp)
-            payload["version"] = version
-            session.execute(update(BoardCache).where(BoardCache.competition_id == competition_id).values(
-                payload=payload, computed_version=version, computed_at=utcnow(), refreshing_since=None))
+            # Never over a newer payload (a refresh whose claim expired while it computed).
+            session.execute(update(c).where(c.competition_id == competition_id, or_(
+                c.computed_version.is_(None), c.computed_version <= version)).values(
+                payload=payload, computed_version=version, computed_at=utcnow(), refreshing_since=None,
+                stale_since=case((c.version == version, None), else_=utcnow())))
         return payload
     except Exception:
         with session_scope() as session:  # let the next reader try at once instead of after the claim expires
-            session.execute(update(BoardCache).where(BoardCache.competition_id == competition_id)
-                            .values(refreshing_since=None))
+            session.execute(update(c).where(c.competition_id == competition_id).values(refreshing_since=None))
         raise
+
+
+def _stale(c: type[BoardCache] = BoardCache):
+    return or_(c.computed_version.is_(None), c.computed_version < c.version)
 
 
 def refresh_stale() -> list[int]:
     """Refresh every competition whose boards are stale and that nobody is refreshing (the workers' poll)."""
+    c = BoardCache
     with session_scope() as session:
-        c = BoardCache
         stale = list(session.scalars(select(c.competition_id).where(
-            or_(c.computed_version.is_(None), c.computed_version < c.version),
-            or_(c.refreshing_since.is_(None), c.refreshing_since < utcnow() - REFRESH_CLAIM))))
+            _stale(), or_(c.refreshing_since.is_(None), c.refreshing_since < utcnow() - REFRESH_CLAIM))))
     return [competition_id for competition_id in stale if refresh(competition_id) is not None]
 
 
 # Each process keeps the last payload it parsed per competition, keyed by when it was computed: a request
-# reads two integers and a timestamp instead of parsing megabytes of JSON for a thousand teams.
+# reads two integers and two timestamps instead of parsing megabytes of JSON for a thousand teams.
 _PARSED: dict[int, tuple[datetime, dict[str, Any]]] = {}
 
 
 def cached(session: Session, comp: Competition) -> tuple[dict[str, Any], bool]:
-    """(payload, stale): the stored boards. When they are stale and nobody is refreshing them (no worker has
-    yet: a rule changed a moment ago), this request refreshes them; while another is, the previous payload is
-    served, marked stale."""
-    row = session.execute(select(BoardCache.version, BoardCache.computed_version, BoardCache.computed_at,
-                                 BoardCache.refreshing_since)
-                          .where(BoardCache.competition_id == comp.id)).first()
-    fresh = row is not None and row.computed_version is not None and row.computed_version == row.version
-    busy = row is not None and row.refreshing_since is not None and row.refreshing_since >= utcnow() - REFRESH_CLAIM
-    if row is not None and row.computed_at is not None and (fresh or busy):
-        return _payload(session, comp.id, row.computed_at), not fresh
+    """(payload, stale): the stored boards. Stale ones are served as they are (marked stale) while a refresh
+    is under way or the change is younger than the grace (a worker will refresh them within seconds); past
+    it, or with nothing stored yet, this request refreshes them itself (no worker is running)."""
+    c = BoardCache
+    row = session.execute(select(c.version, c.computed_version, c.computed_at, c.refreshing_since, c.stale_since)
+                          .where(c.competition_id == comp.id)).first()
+    now = utcnow()
+    if row is not None and row.computed_at is not None:
+        fresh = row.computed_version == row.version
+        busy = row.refreshing_since is not None and row.refreshing_since >= now - REFRESH_CLAIM
+        grace = timedelta(seconds=get_settings().board_stale_grace_seconds)
+        recent = row.stale_since is not None and row.stale_since > now - grace
+        if fresh or busy or recent:
+            return _payload(session, comp.id, row.computed_at), not fresh
     payload = refresh(comp.id)
     if payload is not None:
         return payload, False
-    # Someone claimed the refresh between our read and our claim: serve what is stored, or a first computation.
-    computed_at = session.scalar(select(BoardCache.computed_at).where(BoardCache.competition_id == comp.id))
-    if computed_at is not None:
-        return _payload(session, comp.id, computed_at), True
-    return compute(session, comp), False
+    # Refreshed or claimed by another between our read and our claim: serve what is stored now.
+    row = session.execute(select(c.computed_at, c.version, c.computed_version).where(c.competition_id == comp.id)
+                          ).first()
+    if row is not None and row.computed_at is not None:
+        return _payload(session, comp.id, row.computed_at), row.computed_version != row.version
+    return compute(session, comp), False  # a first refresh is under way elsewhere: compute without storing
 
 
 def _payload(session: Session, competition_id: int, computed_at: datetime) -> dict[str, Any]:
@@ -157,7 +191,8 @@ def compute(session: Session, comp: Competition) -> dict[str, Any]:
         best = best_per_team(Submission.competition_id == comp.id, Submission.finished_at <= comp.freeze_at
                              ).subquery()
         frozen = _rows(session, comp, select(best.c.submission_id))
-    private = _rows(session, comp, _final_choices(comp.id))
+    finals = final_entries(comp).subquery()
+    private = _rows(session, comp, select(finals.c.submission_id))
     baselines = _rows(session, comp, select(Submission.id).where(
         Submission.competition_id == comp.id, Submission.is_baseline, Submission.status == RunStatus.succeeded))
     frozen_baselines = [b for b in baselines if comp.freeze_at and b["finished_at"] <= comp.freeze_at.isoformat()]
@@ -172,17 +207,6 @@ def compute(session: Session, comp: Competition) -> dict[str, Any]:
         "frozen": None if frozen is None else _board(frozen, frozen_baselines, "public", labels_rows),
         "private": _board(_best_private(private), baselines, "private", labels_rows),
     }
-
-
-def _final_choices(competition_id: int):
-    """Each team's final entries: those it marked, or, when it marked none, its best public entry."""
-    marked = select(Submission.team_id).where(Submission.competition_id == competition_id, Submission.final)
-    return select(Submission.id).where(
-        Submission.competition_id == competition_id, Submission.status == RunStatus.succeeded,
-        Submission.is_baseline.is_(false()),
-        or_(Submission.final,
-            and_(Submission.team_id.not_in(marked),
-                 Submission.id.in_(select(TeamBest.submission_id).where(TeamBest.competition_id == competition_id)))))
 
 
 def _best_private(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -217,20 +241,29 @@ def _rows(session: Session, comp: Competition, ids) -> list[dict[str, Any]]:
     out = []
     for x in subs:
         mine = runs.get(x.id, [])
+        x = SimpleNamespace(**{**x._asdict(), **{k: _finite(getattr(x, k)) for k in _SCORES}})
         out.append({
             "submission_id": x.id, "team_id": x.team_id, "team": x.team, "submissions": x.submissions,
             "kind": "baseline" if x.is_baseline else x.kind, "members": x.members, "baseline": x.is_baseline,
             "final": x.final, "accuracy": x.accuracy, "accuracy_std": x.accuracy_std, "ece": x.ece,
-            "seed_scores": [{"seed": r.seed, "accuracy": r.accuracy} for r in mine],
+            "seed_scores": [{"seed": r.seed, "accuracy": _finite(r.accuracy)} for r in mine],
             "private_accuracy": x.private_accuracy, "private_accuracy_std": x.private_accuracy_std,
             "private_ece": x.private_ece,
-            "private_seed_scores": [{"seed": r.seed, "accuracy": r.private_accuracy} for r in mine],
+            "private_seed_scores": [{"seed": r.seed, "accuracy": _finite(r.private_accuracy)} for r in mine],
             "gpu_hours": None if x.gpu_seconds is None else x.gpu_seconds / 3600,
             "best_at": x.created_at.isoformat(), "finished_at": x.finished_at.isoformat() if x.finished_at else "",
             "device_mismatch": x.device_mismatch, "config": x.config,
             "_correct": [(r.correct, r.rows) for r in mine] if mine and all(r.correct for r in mine) else None,
         })
     return out
+
+
+_SCORES = ("accuracy", "accuracy_std", "ece", "private_accuracy", "private_accuracy_std", "private_ece", "gpu_seconds")
+
+
+def _finite(x: float | None) -> float | None:
+    """A score as JSON can hold it: NaN (the engine's ECE of an empty half) and infinities are unknown."""
+    return x if x is None or math.isfinite(x) else None
 
 
 def _board(entries: list[dict[str, Any]], baselines: list[dict[str, Any]], half: str,
@@ -316,7 +349,8 @@ def view(payload: dict[str, Any], comp: Competition, *, board: str, manager: boo
             at = next((i for i, e in enumerate(rows) if (e["accuracy"] or 0.0) < (own["accuracy"] or 0.0)),
                       len(rows))
             rows.insert(at, own)
-    for e in rows:
+    for i, e in enumerate(rows, 1):
+        e["position"] = i  # a team's own live row, inserted above, moves the rows below it down
         e.setdefault("live", False)
         if not private_ok:
             for f in PRIVATE_FIELDS:

@@ -36,10 +36,10 @@ class BoardCache(Base):
     """The computed boards of one competition (rank bands, Pareto front, public, frozen and private), kept so
     a request serves them instead of recomputing a bootstrap over every entry (app.leaderboard.board).
 
-    `version` is bumped in every transaction that changes what the boards show (a submission's scores, a
-    final mark, a rule); `payload` reflects `computed_version`. A reader finding them unequal refreshes it,
-    unless another refresh started within the last minute (`refreshing_since`), and then serves the stale
-    payload marked stale.
+    `version` is bumped as every transaction that changes what the boards show commits (a result, a final
+    mark, a rule); `payload` reflects `computed_version`. Workers refresh stale rows (board.refresh_stale);
+    a reader serves the stale payload, marked stale, while a refresh is under way or the change is recent,
+    and refreshes it itself only when no worker did (app.leaderboard.board.cached).
     """
 
     __tablename__ = "board_cache"
@@ -50,4 +50,7 @@ class BoardCache(Base):
     computed_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     computed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     refreshing_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Since when the oldest change the payload misses has waited (null: fresh): within the grace a worker is
+    # expected to refresh it, and readers get the previous payload rather than computing one themselves.
+    stale_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

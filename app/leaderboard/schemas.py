@@ -31,7 +31,7 @@ class Entry(BaseModel):
                                     "entry; a team that marked none is judged by its best public entry).")
     live: bool = Field(False, description="After the freeze: your own team's current scores, which others "
                                           "don't see until the close (unranked).")
-    accuracy: float = Field(description="Mean public-half accuracy over the entry's seeds.")
+    accuracy: float | None = Field(description="Mean public-half accuracy over the entry's seeds.")
     accuracy_std: float | None = Field(description="Sample standard deviation across seeds (null: one seed).")
     seed_scores: list[SeedScore] = Field(description="Each seed's public accuracy.")
     ece: float | None = Field(description="Expected calibration error on the public half, mean over seeds.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from sqlalchemy import ColumnElement, Select, delete, false, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from app.competitions.models import Team
+from app.competitions.models import Competition, Team
 from app.db import upsert_insert
 from app.leaderboard.models import TeamBest
 from app.submissions.models import RunStatus, Submission
@@ -47,14 +47,16 @@ def note_submission(session: Session, sub: Submission) -> None:
     boards (leaderboard.board) go stale with it; a baseline has no team row (it takes no rank)."""
     from app.leaderboard import board  # board imports this module
 
-    board.bump(session, sub.competition_id)
-    if sub.is_baseline:
-        return
     if sub.status != RunStatus.succeeded:
         # Only a best submission that stopped succeeding matters, and that is not normally possible (a
         # succeeded submission's runs are all over): one indexed look-up, no lock, for every other change.
+        # A claim, a requeue or a failure of another submission changes no board.
         if session.scalar(select(TeamBest.team_id).where(TeamBest.submission_id == sub.id)) is not None:
+            board.bump(session, sub.competition_id)
             _set_best(session, sub, Submission.team_id == sub.team_id)
+        return
+    board.bump(session, sub.competition_id)  # a result landed (or a rescore's round changed its scores)
+    if sub.is_baseline:
         return
     if _insert_if_absent(session, sub):
         return
@@ -92,6 +94,28 @@ def best_per_team(*where: ColumnElement[bool]) -> Select:
         .subquery()
     )
     return select(*(ranked.c[c] for c in _COLUMNS)).where(ranked.c.nth == 1)
+
+
+def final_entries(comp: Competition, team_id: int | None = None) -> Select:
+    """(team_id, submission_id) of each team's final entries, the one rule the private board, the team's own
+    view and rescores share: the team's marked entries that succeeded, at most `comp.final_entries` of them
+    (the latest marked, if the organizer lowered the limit); a team none of whose marks succeeded is judged
+    on its best public entry. Only results that landed by the deadline count. Never chosen by private score.
+    """
+    landed = [Submission.competition_id == comp.id, Submission.status == RunStatus.succeeded,
+              Submission.is_baseline.is_(false())]
+    if comp.deadline is not None:
+        landed.append(Submission.finished_at <= comp.deadline)
+    if team_id is not None:
+        landed.append(Submission.team_id == team_id)
+    nth = func.row_number().over(partition_by=Submission.team_id,
+                                 order_by=(Submission.final_at.desc(), Submission.id.desc())).label("nth")
+    marked = select(Submission.team_id, Submission.id.label("submission_id"), nth).where(
+        *landed, Submission.final).subquery()
+    chosen = select(marked.c.team_id, marked.c.submission_id).where(marked.c.nth <= comp.final_entries)
+    best = best_per_team(*landed).subquery()
+    default = select(best.c.team_id, best.c.submission_id).where(best.c.team_id.not_in(select(marked.c.team_id)))
+    return chosen.union_all(default)
 
 
 def _of_team(sub: Submission) -> ColumnElement[bool]:

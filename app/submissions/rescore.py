@@ -33,10 +33,9 @@ from app.competitions.service import require_manager
 from app.config import get_settings
 from app.dispatch import wake_after_commit
 from app.errors import Conflict, InvalidField, NotFound
-from app.leaderboard.models import TeamBest
+from app.leaderboard.service import final_entries as final_entries_of
 from app.submissions.models import TERMINAL, Rescore, Run, RunStatus, Submission, SubmissionKind
-from app.submissions.service import derive_status, run_spec
-from worker.engine.config import TrainConfig
+from app.submissions.service import derive_status
 
 DEFAULT_THRESHOLD = 0.005  # half a point of accuracy: about the seed-to-seed spread of a CIFAR-10 score
 
@@ -80,7 +79,9 @@ def start(session: Session, comp: Competition, user: User, submission_ids: list[
         raise Conflict(f"another rescore of {comp.slug!r} is being started right now; retry") from None
     queue = get_settings().queue_for(comp.hardware_class)
     for sub in subs:
-        specs = [run_spec(comp, TrainConfig.model_validate(sub.config), seed) for seed in seeds]
+        # The spec its own runs trained (config, data, model, budget), with a fresh seed: the same entry again.
+        trained = next(r.spec for r in sub.runs if r.round == 0)
+        specs = [trained.model_copy(update={"seed": seed}) for seed in seeds]
         per_run = costs.predict_seconds(session, comp, specs[0])  # seeds change no cost
         for spec in specs:
             run = Run(submission_id=sub.id, seed=spec.seed, spec=spec, spec_hash=spec.identity(), queue=queue,
@@ -94,13 +95,8 @@ def start(session: Session, comp: Competition, user: User, submission_ids: list[
 
 
 def final_entries(session: Session, comp: Competition) -> list[int]:
-    """Each team's submissions marked final; for a team that marked none, its best entry (team_best)."""
-    marked = session.execute(select(Submission.id, Submission.team_id).where(
-        Submission.competition_id == comp.id, Submission.final.is_(True), Submission.is_baseline.is_(False))).all()
-    teams = {team_id for _, team_id in marked}
-    best = session.execute(select(TeamBest.submission_id, TeamBest.team_id)
-                           .where(TeamBest.competition_id == comp.id)).all()
-    return sorted([sub_id for sub_id, _ in marked] + [sub_id for sub_id, team_id in best if team_id not in teams])
+    """Every team's final entries (leaderboard.service.final_entries: the one rule)."""
+    return sorted(session.scalars(select(final_entries_of(comp).subquery().c.submission_id)))
 
 
 def _subs(session: Session, comp: Competition, ids: list[int]) -> list[Submission]:

@@ -173,13 +173,13 @@ def cancel(session: Session, sub: Submission) -> Submission:
     nothing."""
     lock_submission(session, sub.id)
     now = utcnow()
-    live = session.execute(select(Run.id, Run.status, Run.attempts, Run.started_at, Run.round).where(
-        Run.submission_id == sub.id, Run.status.in_([RunStatus.queued, RunStatus.running]))).all()
+    live = session.execute(select(Run.id, Run.status, Run.attempts, Run.started_at).where(
+        Run.submission_id == sub.id, Run.status.in_([RunStatus.queued, RunStatus.running]),
+        Run.round == 0)).all()  # a rescore's runs are the organizer's: its team can't stop them
     cancelled = 0
     for run in live:
         running = run.status == RunStatus.running and run.started_at is not None
-        # A rescore's run is the organizer's: never charged to the team (runs.finish charges it 0 too).
-        charged = max(0.0, (now - run.started_at).total_seconds()) if running and run.round == 0 else 0.0
+        charged = max(0.0, (now - run.started_at).total_seconds()) if running else 0.0
         # Guarded by what was read: on SQLite nothing is locked, and the worker may have just finished it.
         cancelled += session.execute(
             update(Run).where(Run.id == run.id, Run.status == run.status, Run.attempts == run.attempts)

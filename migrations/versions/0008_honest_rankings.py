@@ -6,6 +6,7 @@ Revision ID: 0008
 Revises: 0007
 """
 
+import statistics
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -50,10 +51,7 @@ def upgrade() -> None:
     else:
         op.execute("UPDATE run SET ece = (result->'metrics'->'public'->>'ece')::float, "
                    "private_ece = (result->'metrics'->'private'->>'ece')::float WHERE result IS NOT NULL")
-    op.execute("UPDATE submission SET "
-               "ece = (SELECT avg(ece) FROM run WHERE run.submission_id = submission.id), "
-               "private_accuracy = (SELECT avg(private_accuracy) FROM run WHERE run.submission_id = submission.id) "
-               "WHERE status = 'succeeded'")
+    _backfill_scores(op.get_bind())
     op.create_table(
         "test_labels",
         sa.Column("competition_id", sa.Integer(), nullable=False),
@@ -70,6 +68,7 @@ def upgrade() -> None:
         sa.Column("computed_version", sa.Integer(), nullable=True),
         sa.Column("computed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("refreshing_since", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("stale_since", sa.DateTime(timezone=True), nullable=True),
         sa.Column("payload", sa.JSON(), nullable=True),
         sa.ForeignKeyConstraint(["competition_id"], ["competition.id"],
                                 name=op.f("fk_board_cache_competition_id_competition"), ondelete="CASCADE"),
@@ -93,6 +92,34 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_rescore")),
         sa.UniqueConstraint("competition_id", "round", name=op.f("uq_rescore_competition_id")),
     )
+
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    """As refresh_submission derives them: None when any value is missing; the sample std (None for one)."""
+    if not values or any(v is None for v in values):
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _backfill_scores(bind) -> None:
+    """Succeeded submissions' std across seeds, mean ECE and private scores, from their runs (every run was
+    round 0 before this revision), the way refresh_submission derives them from now on."""
+    runs: dict[int, list] = {}
+    for row in bind.execute(sa.text(
+            "SELECT run.submission_id, run.accuracy, run.private_accuracy, run.ece, run.private_ece FROM run "
+            "JOIN submission ON submission.id = run.submission_id WHERE submission.status = 'succeeded' "
+            "ORDER BY run.submission_id, run.seed")):
+        runs.setdefault(row[0], []).append(row[1:])
+    update = sa.text("UPDATE submission SET accuracy_std = :std, ece = :ece, private_accuracy = :private, "
+                     "private_accuracy_std = :private_std, private_ece = :private_ece WHERE id = :id")
+    rows = []
+    for submission_id, values in runs.items():
+        acc, private, ece, private_ece = (list(column) for column in zip(*values, strict=True))
+        rows.append({"id": submission_id, "std": _mean_std(acc)[1], "ece": _mean_std(ece)[0],
+                     "private": _mean_std(private)[0], "private_std": _mean_std(private)[1],
+                     "private_ece": _mean_std(private_ece)[0]})
+    if rows:
+        bind.execute(update, rows)
 
 
 def downgrade() -> None:

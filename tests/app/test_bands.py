@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from app.leaderboard import bands
-from app.leaderboard.bands import band_ranks, mean_std, pareto_front, seed_matrix, unpack
+from app.leaderboard.bands import band_ranks, pareto_front, seed_matrix, unpack
 
 N = 5000  # images in the half: a 10,000-image test set's public half
 
@@ -204,11 +204,3 @@ def test_pareto_front_ignores_entries_it_cannot_place():
     # No hours (or no accuracy): off the front, and it does not push the entries it would beat off it.
     assert pareto_front([0.99, 0.9, None], [None, 1.0, 0.1]) == [False, True, False]
     assert pareto_front([0.9, float("nan")], [1.0, 0.5]) == [True, False]
-
-
-def test_mean_std_is_the_sample_std():
-    assert mean_std([0.9]) == (0.9, None)
-    mean, std = mean_std([0.90, 0.92, 0.94])
-    assert mean == pytest.approx(0.92) and std == pytest.approx(0.02)
-    with pytest.raises(ValueError):
-        mean_std([])

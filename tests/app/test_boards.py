@@ -214,3 +214,54 @@ def test_a_baseline_is_a_marked_unranked_line_on_both_boards(client, db, admin_h
             ("a", "train", 1), ("Baseline", "baseline", None), ("b", "train", 2)]
         assert entries[1]["baseline"] and entries[1]["submission_id"] == r.json()["id"]
     assert [e["kind"] for e in _get(client, comp, h["b"])["entries"]] == ["train", "baseline", "train"]
+
+
+def test_the_private_board_judges_what_landed_by_the_deadline_among_the_latest_marks(client, db, admin_headers,
+                                                                                   clock):
+    from tests.factories import finish_runs, submit
+
+    comp, org, h = _contest(client, admin_headers, ["a", "b"], final_entries=2,
+                            deadline=(utcnow() + timedelta(hours=1)).isoformat())
+    url = f"/api/competitions/{comp['slug']}/final-entries"
+    a_best = land(client, comp, h["a"], _result(_outcomes(0.8, 20)))
+    a_low = land(client, comp, h["a"], _result(_outcomes(0.6, 21)))
+    a_queued = submit(client, comp, h["a"], lr=0.3, batch_size=32)["id"]
+    # a marks only an entry that then fails: judged on its best public entry, not dropped from the board.
+    assert client.put(url, json={"submission_ids": [a_queued]}, headers=h["a"]).status_code == 200
+    finish_runs(a_queued, [{"status": "failed", "error": "diverged"}])
+    assert [x["submission_id"] for x in _get(client, comp, org, board="private")["entries"]] == [a_best]
+    # b marks two, then the organizer lowers the limit to one: the latest marked counts.
+    b1 = land(client, comp, h["b"], _result(_outcomes(0.9, 22)))
+    b2 = land(client, comp, h["b"], _result(_outcomes(0.5, 23)))
+    assert client.put(url, json={"submission_ids": [b1]}, headers=h["b"]).status_code == 200
+    assert client.put(url, json={"submission_ids": [b1, b2]}, headers=h["b"]).status_code == 200
+    r = client.patch(f"/api/competitions/{comp['slug']}", json={"final_entries": 1}, headers=org)
+    assert r.status_code == 200, r.text
+    private = {x["team"]: x["submission_id"] for x in _get(client, comp, org, board="private")["entries"]}
+    assert private == {"a": a_best, "b": b2}  # b2, marked last, though b1 scores better
+    # A result that lands after the deadline changes neither board's judgement of the final entries.
+    late = submit(client, comp, h["a"], lr=0.4, batch_size=32)["id"]
+    clock(timedelta(hours=1, minutes=5))
+    finish_runs(late, [_result(_outcomes(0.99, 24))])
+    after = {x["team"]: x["submission_id"] for x in _get(client, comp, h["b"], board="private")["entries"]}
+    assert after == private
+    assert a_low not in after.values()
+
+
+def test_a_stale_board_is_served_while_the_workers_refresh_it(client, db, admin_headers, monkeypatch):
+    from app.config import get_settings
+    from app.leaderboard import board
+
+    comp, _, h = _contest(client, admin_headers, ["a", "b"])
+    land(client, comp, h["a"], _result(_outcomes(0.7, 25)))
+    first = _get(client, comp)
+    monkeypatch.setenv("HPARENA_BOARD_STALE_GRACE_SECONDS", "600")
+    get_settings.cache_clear()
+    land(client, comp, h["b"], _result(_outcomes(0.8, 26)))
+    stale = _get(client, comp)  # a worker will refresh it within seconds: the request does not compute
+    assert stale["stale"] and stale["computed_at"] == first["computed_at"]
+    assert [x["team"] for x in stale["entries"]] == ["a"]
+    assert board.refresh_stale() == [comp["id"]]  # what each worker's parent polls
+    fresh = _get(client, comp)
+    assert not fresh["stale"] and [x["team"] for x in fresh["entries"]] == ["b", "a"]
+    assert board.refresh_stale() == []

@@ -88,10 +88,10 @@ def test_an_identical_entry_reuses_the_result_trains_nothing_and_still_counts(cl
     db.expire_all()
     assert db.get(Run, run["id"]).private_accuracy == db.get(Run, original["id"]).private_accuracy
 
-    # On the board: bob's entry ties ann's, the earlier one ranks first.
+    # On the board: bob's entry ties ann's (the same per-image outcomes: one band); the earlier one is first.
     board = client.get(f"/api/competitions/{comp['slug']}/leaderboard").json()["entries"]
-    assert [(e["team"], e["submission_id"], e["rank"]) for e in board] == [
-        ("team-ann", first["id"], 1), ("team-bob", copy["id"], 2)]
+    assert [(e["team"], e["submission_id"], e["rank"], e["tie"], e["position"]) for e in board] == [
+        ("team-ann", first["id"], 1, True, 1), ("team-bob", copy["id"], 1, True, 2)]
     assert board[1]["accuracy"] == board[0]["accuracy"] and board[1]["gpu_hours"] == board[0]["gpu_hours"]
 
     # Again: linked to the run that trained, not to bob's copy. It is bob's second entry of his quota of two.

@@ -84,7 +84,8 @@ def test_an_explicit_choice_replaces_the_default_and_the_last_choice(client, adm
     best = _land(client, comp, owls, 0.80)
     queued = _submit(client, comp, owls)  # still training: may be chosen, it is not done badly
     got = _put(client, comp, owls, [queued, worse])
-    assert got == {"limit": 2, "chosen": sorted([queued, worse]), "effective": sorted([queued, worse]),
+    # Judged on what has a score: the queued one counts once it succeeds.
+    assert got == {"limit": 2, "chosen": sorted([queued, worse]), "effective": [worse],
                    "default_used": False, "locked": False}
     assert _get(client, comp, owls) == got
     # A new choice replaces the old one whole.

@@ -94,6 +94,10 @@ def test_rescore_keeps_the_old_runs_and_moves_the_score_once_every_new_run_succe
     assert {k: got[k] for k in ("status", "accuracy", "accuracy_std", "round")} == {
         "status": "succeeded", "accuracy": before["accuracy"], "accuracy_std": before["accuracy_std"], "round": 0}
     assert client.get(f"/api/competitions/{comp['slug']}/budget", headers=a).json() == budget
+    # The rescore is the organizer's: the team can't cancel its runs (and so keep a lucky score).
+    r = client.post(f"/api/submissions/{sub}/cancel", headers=a)
+    assert r.status_code == 409, r.text
+    assert [r["status"] for r in _sub(client, sub, a)["runs"] if r["round"] == 1] == ["queued", "queued"]
 
     first, second = _runs(sub, 1)
     _finish(first, 0.86, 0.76)
