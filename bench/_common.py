@@ -170,3 +170,33 @@ def load_note() -> str:
     except OSError:
         return "load average unavailable"
     return f"1-min load average {load:.1f} on {os.cpu_count()} cores (other processes share them)"
+
+
+# ---- a scratch PostgreSQL database, for the benches that need one ------------------------------------------
+
+PG_ADMIN_URL = os.environ.get("HPARENA_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def create_pg_database(name: str) -> str:
+    """A fresh, empty database `name` on the server at HPARENA_BENCH_PG: its URL."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_pg_database(name: str) -> None:
+    """Drop it, closing this process's pool to it first."""
+    from sqlalchemy import create_engine, text
+
+    from app.db import close_engine
+
+    close_engine(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()

@@ -55,7 +55,7 @@ from app.auth.service import hash_token
 from app.competitions.models import Competition, Membership, Team
 from app.competitions.schemas import CompetitionCreate
 from app.competitions.service import create_competition
-from app.db import close_engine, session_scope, utcnow
+from app.db import session_scope, utcnow
 from app.leaderboard.service import leaderboard, rebuild_best
 from app.names import name_key
 from app.submissions.models import RunStatus, Submission
@@ -63,7 +63,6 @@ from app.submissions.service import run_spec
 from worker.engine.config import TrainConfig
 from worker.processes import python_cmd, spawn, stop, wait_http
 
-PG_ADMIN_URL = os.environ.get("HPARENA_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BROKER_URL = os.environ.get("HPARENA_BENCH_BROKER", "redis://127.0.0.1:6379/14")
 BOARD_P99_MS, INTAKE_PER_S, DISPATCH_MS = 50.0, 300.0, 200.0
 CONFIG = {"lr": 0.05, "batch_size": 32}
@@ -87,7 +86,7 @@ def main() -> None:
     args.clients = min(args.clients, args.teams)
 
     name = f"hparena_bench_{uuid.uuid4().hex[:8]}"
-    url = _create_database(name)
+    url = c.create_pg_database(name)
     tag = uuid.uuid4().hex[:6]  # queues of this run's own: nothing else consumes or fills them
     broker = redis.Redis.from_url(BROKER_URL)
     broker.flushdb()
@@ -131,28 +130,10 @@ def main() -> None:
         for proc in reversed(procs):
             stop(proc)
         broker.flushdb()
-        _drop_database(name)
+        c.drop_pg_database(name)
 
 
 # ---- database: a fresh one, seeded in bulk --------------------------------------------------------------
-
-
-def _create_database(name: str) -> str:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-
-def _drop_database(name: str) -> None:
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    close_engine(url)
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def _tiny_cifar(data: Path, cache_dir: Path) -> Path:

@@ -73,7 +73,6 @@ from worker.engine.config import TrainConfig
 from worker.engine.split import public_private_indices
 from worker.processes import spawn, stop, wait_http
 
-PG_ADMIN_URL = os.environ.get("HPARENA_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TARGET = 50.0
 CONFIG = {"lr": 0.05, "batch_size": 32}
 
@@ -100,7 +99,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.postgres:
         name = f"hparena_bench_board_{tag}"
-        url = _create_pg(name)
+        url = c.create_pg_database(name)
     else:
         name = str(work / "board.db")
         url = f"sqlite:///{name}"
@@ -151,7 +150,7 @@ def main() -> None:
             stop(api)
         close_engine(url)
         if args.postgres:
-            _drop_pg(name)
+            c.drop_pg_database(name)
         else:
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(name + suffix):
@@ -159,22 +158,6 @@ def main() -> None:
 
 
 # ---- database: a scratch one, seeded in bulk ------------------------------------------------------------
-
-
-def _create_pg(name: str) -> str:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-
-def _drop_pg(name: str) -> None:
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def _seed(url: str, args: argparse.Namespace) -> dict:
