@@ -200,3 +200,28 @@ def drop_pg_database(name: str) -> None:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+def bulk_teams(s, comp, n: int, prefix: str) -> list[tuple[int, int]]:
+    """n teams of competition `comp` with one participant each, inserted in bulk through session `s`, whose
+    tokens are f"bench-{prefix}-{i}"; -> [(team_id, user_id)]."""
+    import uuid
+
+    from sqlalchemy import insert
+
+    from app.auth.models import Role, User
+    from app.auth.service import hash_token
+    from app.competitions.models import Membership, Team
+    from app.db import utcnow
+    from app.names import name_key
+
+    now = utcnow()
+    user_ids = s.scalars(insert(User).returning(User.id, sort_by_parameter_order=True), [
+        {"name": f"{prefix}-{i}", "role": Role.participant, "token_hash": hash_token(f"bench-{prefix}-{i}"),
+         "created_at": now} for i in range(n)]).all()
+    team_ids = s.scalars(insert(Team).returning(Team.id, sort_by_parameter_order=True), [
+        {"competition_id": comp.id, "name": f"{prefix} team {i}", "name_key": name_key(f"{prefix} team {i}"),
+         "invite_code": uuid.uuid4().hex, "created_at": now} for i in range(n)]).all()
+    s.execute(insert(Membership), [{"user_id": u, "team_id": t, "competition_id": comp.id, "created_at": now}
+                                   for u, t in zip(user_ids, team_ids, strict=True)])
+    return list(zip(team_ids, user_ids, strict=True))

@@ -58,9 +58,7 @@ import numpy as np
 from sqlalchemy import create_engine, insert, select, text
 
 from app import migrate
-from app.auth.models import Role, User
-from app.auth.service import hash_token
-from app.competitions.models import Competition, Membership, Team
+from app.competitions.models import Competition
 from app.competitions.schemas import CompetitionCreate
 from app.competitions.service import create_competition
 from app.config import get_settings
@@ -68,7 +66,6 @@ from app.db import close_engine, session_scope, utcnow
 from app.leaderboard import bands, board
 from app.leaderboard.models import BoardCache
 from app.leaderboard.service import rebuild_best
-from app.names import name_key
 from app.submissions.models import Run, RunLogits, RunStatus, Submission, TestLabels
 from app.submissions.service import run_spec
 from worker.engine.config import TrainConfig
@@ -183,7 +180,7 @@ def _seed(url: str, args: argparse.Namespace) -> dict:
         config = TrainConfig.model_validate(CONFIG)
         specs = [run_spec(comp, config, seed) for seed in seeds]
         queue = get_settings().queue_for(comp.hardware_class)
-        teams = _teams(s, comp, args.teams)
+        teams = c.bulk_teams(s, comp, args.teams, "board")
 
         subs, runs, bits = [], [], []
         for t, (team_id, user_id) in enumerate(teams):
@@ -234,20 +231,6 @@ def _seed(url: str, args: argparse.Namespace) -> dict:
         conn.execute(text("VACUUM ANALYZE" if url.startswith("postgresql") else "ANALYZE"))
     engine.dispose()
     return info
-
-
-def _teams(s, comp: Competition, n: int) -> list[tuple[int, int]]:
-    """n teams of one participant each; -> [(team_id, user_id)]."""
-    now = utcnow()
-    user_ids = s.scalars(insert(User).returning(User.id, sort_by_parameter_order=True), [
-        {"name": f"board-{i}", "role": Role.participant, "token_hash": hash_token(f"bench-board-{i}"),
-         "created_at": now} for i in range(n)]).all()
-    team_ids = s.scalars(insert(Team).returning(Team.id, sort_by_parameter_order=True), [
-        {"competition_id": comp.id, "name": f"team {i}", "name_key": name_key(f"team {i}"),
-         "invite_code": uuid.uuid4().hex, "created_at": now} for i in range(n)]).all()
-    s.execute(insert(Membership), [{"user_id": u, "team_id": t, "competition_id": comp.id, "created_at": now}
-                                   for u, t in zip(user_ids, team_ids, strict=True)])
-    return list(zip(team_ids, user_ids, strict=True))
 
 
 def _std(xs: np.ndarray) -> float | None:
