@@ -157,7 +157,7 @@ def final_entries(session: Session, comp: Competition, team_id: int) -> FinalEnt
     effective = sorted(session.scalars(select(final_entries_of(comp, team_id).subquery().c.submission_id)))
     default_used = not set(effective) & set(chosen)
     return FinalEntriesOut(limit=comp.final_entries, chosen=chosen, effective=effective, default_used=default_used,
-                           locked=_locked(comp))
+                           locked=board.phase(comp) == "closed")
 
 
 def set_final_entries(session: Session, comp: Competition, member: Membership, user: User,
@@ -165,7 +165,7 @@ def set_final_entries(session: Session, comp: Competition, member: Membership, u
     """Replace the team's final entries with `submission_ids` (distinct: the schema checks), before the
     deadline (else Conflict). Each must be the team's own, non-baseline, queued, running or succeeded
     submission in this competition, and there may be at most comp.final_entries (else InvalidField)."""
-    if _locked(comp):
+    if board.phase(comp) == "closed":  # final entries are locked with the deadline
         raise Conflict(f"final entries are locked since {comp.deadline.isoformat()}")
     if len(submission_ids) > comp.final_entries:
         raise InvalidField("submission_ids", submission_ids,
@@ -201,10 +201,6 @@ def set_final_entries(session: Session, comp: Competition, member: Membership, u
            submission_ids=sorted(submission_ids))
     board.bump(session, comp.id)
     return final_entries(session, comp, member.team_id)
-
-
-def _locked(comp: Competition) -> bool:
-    return comp.deadline is not None and utcnow() > comp.deadline
 
 
 # ----------------------------------------------------------------------------------------------------

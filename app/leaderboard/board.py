@@ -198,10 +198,9 @@ def compute(session: Session, comp: Competition) -> dict[str, Any]:
     frozen_baselines = [b for b in baselines if comp.freeze_at and b["finished_at"] <= comp.freeze_at.isoformat()]
     configs = {}  # each submission's config once, not once per board it is on
     for e in (*public, *(frozen or ()), *private, *baselines):
-        configs[str(e["submission_id"])] = e.pop("config", configs.get(str(e["submission_id"])))
+        configs[str(e["submission_id"])] = e.pop("config")
     return {
         "computed_at": utcnow().isoformat(),
-        "test_rows": labels_rows,
         "configs": configs,
         "public": _board(public, baselines, "public", labels_rows),
         "frozen": None if frozen is None else _board(frozen, frozen_baselines, "public", labels_rows),
