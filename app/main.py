@@ -17,6 +17,7 @@ from app.db import session_scope
 from app.errors import DomainError
 from app.http import BodySizeLimit, domain_error_handler, reject_unknown_query, validation_error_handler
 from app.leaderboard.router import router as leaderboard_router
+from app.metrics import mount as mount_metrics
 from app.pages import mount as mount_pages
 from app.submissions.rescore_router import router as rescore_router
 from app.submissions.router import router as submissions_router
@@ -44,6 +45,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(DomainError, domain_error_handler)
     app.add_middleware(BodySizeLimit, max_bytes=get_settings().max_body_bytes)
+    mount_metrics(app)  # after the other middleware: it times what they answer too (a 413)
 
     @app.get("/api/health", tags=["meta"])
     def health() -> dict:

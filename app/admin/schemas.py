@@ -30,8 +30,10 @@ class WorkerOut(BaseModel):
     device_name: str | None
     state: Literal["busy", "idle", "offline"]
     current_run_id: int | None
+    current_submission_id: int | None = Field(description="The submission of the run it is training.")
     started_at: datetime
     last_seen: datetime
+    last_seen_age_seconds: float = Field(description="Seconds since its last heartbeat (last_seen).")
     problem: str | None = Field(description="Why this worker refuses work, in words (null: it doesn't). For "
                                             "example its device is not its hardware class (it then consumes "
                                             "nothing), or a message came from another deployment: the worker "
@@ -47,11 +49,29 @@ class QueueOut(BaseModel):
     queued_runs: int
     running_runs: int
     broker_messages: int | None = Field(description="Messages waiting in the broker (null: it can't say).")
+    oldest_queued_run_id: int | None = Field(description="The queued run submitted first (null: none waits).")
+    oldest_queued_at: datetime | None = Field(description="When that run was submitted.")
+    oldest_queued_age_seconds: float | None = Field(description="How long it has waited, in seconds.")
+
+
+class StaleRunOut(BaseModel):
+    """A running run whose heartbeat is older than stale_after_seconds: its worker is presumably gone, and
+    the sweeper will requeue it (or fail it after too many attempts)."""
+
+    run_id: int
+    submission_id: int
+    queue: str
+    worker_hostname: str | None
+    attempts: int
+    started_at: datetime | None
+    heartbeat_at: datetime
+    heartbeat_age_seconds: float
 
 
 class FleetOut(BaseModel):
     workers: list[WorkerOut]
     queues: list[QueueOut]
+    stale_runs: list[StaleRunOut] = Field(description="Running runs whose heartbeat is stale, stalest first.")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,21 +9,36 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Cookie, Depends
+from fastapi import Cookie, Depends, Request
 
 from app.auth.dependencies import SessionDep
 from app.auth.models import User
 from app.auth.service import user_for_token
+from app.errors import Unauthorized
 
 COOKIE = "hparena_token"
+COOKIE_MAX_AGE = 30 * 24 * 3600  # a term's lab sessions without pasting the token again
+MAX_TOKEN = 512  # far longer than any token we issue: longer cookie values are garbage, not a lookup
 
 
-def page_user(session: SessionDep, hparena_token: Annotated[str | None, Cookie()] = None) -> User | None:
+def page_user(request: Request, session: SessionDep,
+              hparena_token: Annotated[str | None, Cookie()] = None) -> User | None:
     """The signed-in user, or None (no cookie, or a token since revoked: the page shows the anonymous view
-    and offers /login)."""
-    if not hparena_token:
-        return None
-    return user_for_token(session, hparena_token)
+    and offers /login). Kept on the request, so an error page rendered later still shows who is signed in."""
+    user = None
+    if hparena_token and len(hparena_token) <= MAX_TOKEN:
+        user = user_for_token(session, hparena_token)
+    request.state.page_user = user
+    return user
+
+
+def signed_in(user: Annotated[User | None, Depends(page_user)]) -> User:
+    """A page only a signed-in user may see: signed out, a page route (templating.PageRoute) redirects to
+    /login and back, and a page's JSON answers 401."""
+    if user is None:
+        raise Unauthorized("sign in at /login to see this page")
+    return user
 
 
 PageUser = Annotated[User | None, Depends(page_user)]
+SignedIn = Annotated[User, Depends(signed_in)]

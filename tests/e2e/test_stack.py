@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from tests.e2e.services import wait_for
@@ -97,6 +98,23 @@ def test_submission_goes_through_a_real_worker_onto_the_leaderboard(stack):
 
         assert queue()["queued_runs"] == 0
         _wait(lambda: queue()["broker_messages"] == 0, 30, "the broker to empty", stack["logs"])
+
+        # The live API's /metrics shows both runs: finished, timed, and no longer queued.
+        m = {(x.name, frozenset(x.labels.items())): x.value
+             for f in text_string_to_metric_families(http.get("/metrics").text) for x in f.samples}
+        ok = {("hardware_class", stack["hw"]), ("state", "succeeded")}
+        assert m[("hparena_runs", frozenset(ok))] == 2
+        assert m[("hparena_run_duration_seconds_count", frozenset(ok))] == 2
+        assert m[("hparena_run_duration_seconds_sum", frozenset(ok))] > 0
+        assert m[("hparena_run_device_seconds_count", frozenset(ok))] == 2
+        assert m[("hparena_run_images_per_second_count", frozenset({("hardware_class", stack["hw"])}))] == 2
+        assert m[("hparena_queue_depth", frozenset({("queue", f"train.{stack['hw']}"),
+                                                    ("hardware_class", stack["hw"])}))] == 0
+        ages = [v for (name, labels), v in m.items() if name == "hparena_worker_heartbeat_age_seconds"
+                and ("hardware_class", stack["hw"]) in labels]
+        assert len(ages) == 1 and 0 <= ages[0] < 60
+        assert m[("hparena_http_request_duration_seconds_count", frozenset(
+            {("method", "GET"), ("route", "/api/submissions/{submission_id}"), ("status", "200")}))] >= 1
 
 
 ADMIN = {"Authorization": "Bearer e2e-admin-token"}

@@ -1,0 +1,222 @@
+"""What the core pages show, assembled from the JSON API's own services so that a page shows a viewer exactly
+what the API would show them: the board through app.leaderboard.router.read_board (the API's reader), a
+submission through the API's visibility rule (app.submissions.service.get_own_submission) and its
+participant view of a run's stored result. No HTTP here, and no SQL of its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from app import eta
+from app.auth.models import User
+from app.competitions.models import Competition
+from app.competitions.service import get_competition, is_manager, list_competitions
+from app.errors import NotFound
+from app.leaderboard import board as boards
+from app.leaderboard.router import read_board
+from app.leaderboard.schemas import Board
+from app.submissions import service as submissions
+from app.submissions.models import TERMINAL, FailureKind, Run, RunStatus, Submission
+from app.submissions.schemas import EpochOut, RunDetail, SubmissionDetail, SubmissionOut
+from worker.engine.result import TrainResult, json_safe
+
+# ----------------------------------------------------------------------------------------------------
+# Signing in
+# ----------------------------------------------------------------------------------------------------
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after signing in: a path on this site, never another site. An absolute URL, a
+    scheme-relative one (//evil.example) or a backslash trick (/\\evil.example, which browsers read as //)
+    goes to / instead: an open redirect would let a link to our login page send people anywhere."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return "/"
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------
+# Competitions
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompetitionRow:
+    competition: Competition
+    phase: str  # open, frozen or closed (app.leaderboard.board.phase)
+
+
+def competitions(session: Session) -> list[CompetitionRow]:
+    return [CompetitionRow(c, boards.phase(c)) for c in list_competitions(session)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The board
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoardPage:
+    board: Board  # exactly what GET /api/competitions/{slug}/leaderboard answers this viewer
+    private_columns: bool  # the private half's numbers are in it (the private board, or an organizer)
+    other_board: str | None  # the other board this viewer may switch to, if any
+
+
+def board_page(session: Session, slug: str, user: User | None, name: str | None, view: str | None) -> BoardPage:
+    """The board for the page: by default the public board during the contest and the private board after
+    the close. Asking for the private board before the close is Forbidden, as in the API, except for the
+    competition's organizers and admins."""
+    comp = get_competition(session, slug)
+    manager = is_manager(comp, user)
+    closed = boards.phase(comp) == "closed"
+    name = name or ("private" if closed else "public")
+    b = read_board(session, comp, manager=manager, team_id=boards.viewer_team(session, comp, user), name=name,
+                   view=view)
+    private_columns = b.board == "private" or any(e.private_accuracy is not None for e in b.entries)
+    other = "public" if name == "private" else "private"
+    return BoardPage(board=b, private_columns=private_columns,
+                     other_board=other if manager or closed else None)
+
+
+def board_json(page: BoardPage) -> dict[str, Any]:
+    return {"board": page.board.model_dump(mode="json")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# A submission
+# ----------------------------------------------------------------------------------------------------
+
+
+def visible_submission(session: Session, user: User, submission_id: int) -> Submission:
+    """The API's rule (its team: get_own_submission), and the competition's organizers and admins, who may
+    see every entry of their competition (they see every config on its board too). Anyone else: NotFound,
+    the same 404 the API answers, which does not tell whether the submission exists."""
+    try:
+        return submissions.get_own_submission(session, user, submission_id)
+    except NotFound:
+        sub = session.get(Submission, submission_id)
+        if sub is not None and is_manager(session.get(Competition, sub.competition_id), user):
+            return sub
+        raise
+
+
+@dataclass(frozen=True)
+class RunView:
+    """One run (one seed) as its team sees it, with what its stored result says about how it ran."""
+
+    detail: RunDetail
+    label: str  # "seed 0", or "seed 7 (rescore 1)"
+    device: str | None
+    precision: str | None
+    timings: dict[str, float] | None  # setup, train, eval seconds (the stored result's Timings)
+
+
+@dataclass(frozen=True)
+class SubmissionPage:
+    detail: SubmissionDetail
+    competition: Competition
+    terminal: bool
+    failure: str | None
+    runs: list[RunView] = field(default_factory=list)
+
+
+def submission_page(session: Session, user: User, submission_id: int) -> SubmissionPage:
+    sub = visible_submission(session, user, submission_id)
+    epochs = submissions.epochs_by_run(session, [r.id for r in sub.runs])
+    out = SubmissionOut.model_validate(sub).model_copy(update=eta.annotate(session, sub))
+    runs = []
+    for r in sub.runs:
+        detail = RunDetail.model_validate(r)
+        detail.epochs = [EpochOut.model_validate(e) for e in epochs.get(r.id, [])]
+        detail.result = submissions.participant_view(r.result)
+        runs.append(_run_view(r, detail))
+    detail = SubmissionDetail(**out.model_dump(), runs=[v.detail for v in runs])
+    return SubmissionPage(detail=detail, competition=session.get(Competition, sub.competition_id),
+                          terminal=sub.status in TERMINAL, failure=failure_words(detail), runs=runs)
+
+
+def _run_view(run: Run, detail: RunDetail) -> RunView:
+    record = _record(run.result)
+    device = run.device_name
+    if record is not None:
+        device = f"{record.device.name} ({record.device.type})"
+    timings = None
+    if record is not None:
+        t = record.timings
+        timings = {"setup": t.setup_seconds, "train": t.train_seconds, "eval": t.eval_seconds}
+    label = f"seed {run.seed}" + (f" (rescore {run.round})" if run.round else "")
+    return RunView(detail=detail, label=label, device=device,
+                   precision=record.precision if record is not None else None, timings=timings)
+
+
+def _record(result: dict[str, Any] | None) -> TrainResult | None:
+    """The run's stored result, typed; only its non-private fields (device, precision, timings) are shown."""
+    if result is None:
+        return None
+    try:
+        return TrainResult.model_validate(result)
+    except ValidationError:
+        return None
+
+
+_CONSEQUENCE = {
+    FailureKind.infrastructure: "retried automatically and refunded (not charged to your team)",
+    FailureKind.config: "caused by the config; charged to your team's budget",
+    FailureKind.timeout: "it ran past its time limit; charged to your team's budget",
+}
+_WHAT = {
+    FailureKind.infrastructure: "the worker or the machine failed",
+    FailureKind.config: "the run could not go on with this config",
+    FailureKind.timeout: "the run ran past its time limit",
+}
+
+
+def failure_words(detail: SubmissionDetail) -> str | None:
+    """Why it did not succeed, in plain words: whose fault (failure_kind), what happened (the run's error),
+    and what it cost. None while it runs or once it succeeded."""
+    if detail.status == RunStatus.cancelled:
+        return f"cancelled: {detail.error or 'by its team'}"
+    if detail.status not in (RunStatus.failed, RunStatus.diverged):
+        return None
+    bad = next((r for r in detail.runs if r.status == detail.status), None)
+    if detail.status == RunStatus.diverged:
+        where = ""
+        if bad is not None and bad.diverged_epoch is not None:
+            where = f" at epoch {bad.diverged_epoch}" + (f", step {bad.diverged_step}" if bad.diverged_step else "")
+        return (f"config: the training loss diverged (became NaN or infinite){where}; try a lower learning rate; "
+                f"{_CONSEQUENCE[FailureKind.config]}")
+    try:
+        kind = FailureKind(detail.failure_kind or FailureKind.config)
+    except ValueError:
+        kind = FailureKind.config
+    what = (bad.error if bad is not None and bad.error else None) or detail.error or _WHAT[kind]
+    return f"{kind.value}: {what}; {_CONSEQUENCE[kind]}"
+
+
+def live_json(page: SubmissionPage) -> dict[str, Any]:
+    """What submission.js polls: status, failure, queue position and ETA, and each run's curve so far."""
+    d = page.detail
+    return json_safe({
+        "id": d.id, "status": d.status, "terminal": page.terminal, "failure": page.failure,
+        "accuracy": d.accuracy, "accuracy_std": d.accuracy_std,
+        "queue_position": d.queue_position, "eta_seconds": d.eta_seconds, "eta_at": _iso(d.eta_at),
+        "eta_note": d.eta_note,
+        "runs": [{"id": v.detail.id, "seed": v.detail.seed, "round": v.detail.round, "label": v.label,
+                  "status": v.detail.status, "progress": v.detail.progress, "device": v.device,
+                  "precision": v.precision, "timings": v.timings,
+                  "epochs": [e.model_dump(mode="json") for e in v.detail.epochs]} for v in page.runs],
+    })
+
+
+def _iso(x: datetime | None) -> str | None:
+    return None if x is None else x.isoformat()

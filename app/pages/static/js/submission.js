@@ -1,0 +1,78 @@
+// A submission, live: charts of each run's per-epoch train loss, public accuracy and lr (Chart.js, one line
+// per run), filled in place from live.json every data-poll-ms until the submission is over; the status,
+// queue position, ETA, timings and epoch table are swapped in from the server-rendered fragment.
+(function () {
+  "use strict";
+  var live = document.getElementById("live");
+  var initial = document.getElementById("live-data");
+  if (!live || !initial || typeof Chart === "undefined") return;
+  var src = live.getAttribute("data-src");
+  var every = parseInt(live.getAttribute("data-poll-ms"), 10) || 2000;
+  var COLORS = ["#0b63c5", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#1b7c83", "#57606a"];
+
+  function chart(id, label, field, percent) {
+    return {
+      field: field,
+      percent: percent,
+      chart: new Chart(document.getElementById(id), {
+        type: "line",
+        data: { datasets: [] },
+        options: {
+          animation: false,
+          maintainAspectRatio: false,
+          parsing: false,
+          plugins: { title: { display: true, text: label }, legend: { display: true } },
+          scales: {
+            x: { type: "linear", title: { display: true, text: "epoch" }, ticks: { precision: 0 } },
+            y: { title: { display: true, text: label } }
+          }
+        }
+      })
+    };
+  }
+
+  var charts = [
+    chart("chart-loss", "train loss", "train_loss", false),
+    chart("chart-accuracy", "public accuracy (%)", "test_accuracy", true),
+    chart("chart-lr", "learning rate", "lr", false)
+  ];
+
+  // Update each chart's datasets in place (one per run), so Chart.js redraws without rebuilding.
+  function draw(data) {
+    charts.forEach(function (c) {
+      var sets = c.chart.data.datasets;
+      data.runs.forEach(function (run, i) {
+        var points = run.epochs
+          .filter(function (e) { return e[c.field] !== null && e[c.field] !== undefined; })
+          .map(function (e) { return { x: e.epoch, y: c.percent ? e[c.field] * 100 : e[c.field] }; });
+        if (!sets[i]) {
+          var color = COLORS[i % COLORS.length];
+          sets[i] = { label: run.label, data: [], borderColor: color, backgroundColor: color, pointRadius: 3 };
+        }
+        sets[i].label = run.label;
+        sets[i].data = points;
+      });
+      sets.length = data.runs.length;
+      c.chart.update("none");
+    });
+  }
+
+  function poll() {
+    fetch(src, { credentials: "same-origin", headers: { Accept: "application/json" }, cache: "no-store" })
+      .then(function (r) {
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (data) {
+        live.innerHTML = data.html;
+        draw(data);
+        live.setAttribute("data-terminal", data.terminal ? "true" : "false");
+        if (!data.terminal) setTimeout(poll, every);
+      })
+      .catch(function () { setTimeout(poll, every * 2); });
+  }
+
+  var first = JSON.parse(initial.textContent);
+  draw(first);
+  if (!first.terminal) setTimeout(poll, every);
+})();
