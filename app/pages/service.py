@@ -1,7 +1,7 @@
 """What the core pages show, assembled from the JSON API's own services so that a page shows a viewer exactly
 what the API would show them: the board through app.leaderboard.router.read_board (the API's reader), a
-submission through the API's visibility rule (app.submissions.service.get_own_submission) and its
-participant view of a run's stored result. No HTTP here, and no SQL of its own."""
+submission through the API's visibility rule and assembly (app.submissions.service.get_visible_submission,
+app.submissions.views.detail), with its participant view of a run's stored result. No HTTP here, and no SQL of its own."""
 
 from __future__ import annotations
 
@@ -13,17 +13,16 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from app import eta
 from app.auth.models import User
 from app.competitions.models import Competition
 from app.competitions.service import get_competition, is_manager, list_competitions
-from app.errors import NotFound
 from app.leaderboard import board as boards
 from app.leaderboard.router import read_board
 from app.leaderboard.schemas import Board
 from app.submissions import service as submissions
-from app.submissions.models import TERMINAL, FailureKind, Run, RunStatus, Submission
-from app.submissions.schemas import EpochOut, RunDetail, SubmissionDetail, SubmissionOut
+from app.submissions import views
+from app.submissions.models import TERMINAL, FailureKind, Run, RunStatus
+from app.submissions.schemas import RunDetail, SubmissionDetail
 from worker.engine.result import TrainResult, json_safe
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,19 +96,6 @@ def board_json(page: BoardPage) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 
 
-def visible_submission(session: Session, user: User, submission_id: int) -> Submission:
-    """The API's rule (its team: get_own_submission), and the competition's organizers and admins, who may
-    see every entry of their competition (they see every config on its board too). Anyone else: NotFound,
-    the same 404 the API answers, which does not tell whether the submission exists."""
-    try:
-        return submissions.get_own_submission(session, user, submission_id)
-    except NotFound:
-        sub = session.get(Submission, submission_id)
-        if sub is not None and is_manager(session.get(Competition, sub.competition_id), user):
-            return sub
-        raise
-
-
 @dataclass(frozen=True)
 class RunView:
     """One run (one seed) as its team sees it, with what its stored result says about how it ran."""
@@ -131,16 +117,9 @@ class SubmissionPage:
 
 
 def submission_page(session: Session, user: User, submission_id: int) -> SubmissionPage:
-    sub = visible_submission(session, user, submission_id)
-    epochs = submissions.epochs_by_run(session, [r.id for r in sub.runs])
-    out = SubmissionOut.model_validate(sub).model_copy(update=eta.annotate(session, sub))
-    runs = []
-    for r in sub.runs:
-        detail = RunDetail.model_validate(r)
-        detail.epochs = [EpochOut.model_validate(e) for e in epochs.get(r.id, [])]
-        detail.result = submissions.participant_view(r.result)
-        runs.append(_run_view(r, detail))
-    detail = SubmissionDetail(**out.model_dump(), runs=[v.detail for v in runs])
+    sub = submissions.get_visible_submission(session, user, submission_id)
+    detail = views.detail(session, sub)
+    runs = [_run_view(r, d) for r, d in zip(sub.runs, detail.runs, strict=True)]
     return SubmissionPage(detail=detail, competition=session.get(Competition, sub.competition_id),
                           terminal=sub.status in TERMINAL, failure=failure_words(detail), runs=runs)
 

@@ -3,20 +3,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Response, status
-from sqlalchemy.orm import Session
 
 from app import costs, eta
 from app.auth.dependencies import CurrentUser, SessionDep
 from app.competitions.service import get_competition, membership
 from app.http import BODY_ERRORS, error_responses
 from app.ratelimit import SubmitLimit
-from app.submissions import ensembles, service
-from app.submissions.models import Submission
+from app.submissions import ensembles, service, views
 from app.submissions.schemas import (
     BudgetOut,
     EnsembleCreate,
-    EpochOut,
-    RunDetail,
     SubmissionCreate,
     SubmissionDetail,
     SubmissionOut,
@@ -40,7 +36,7 @@ def submit(slug: str, data: SubmissionCreate, _: SubmitLimit, session: SessionDe
     sub, created = service.create_submission(session, comp, member, user, data.config, idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
-    return _out(session, sub)
+    return views.summary(session, sub)
 
 
 @router.post("/competitions/{slug}/ensembles", response_model=SubmissionOut, status_code=status.HTTP_201_CREATED,
@@ -51,7 +47,7 @@ def submit_ensemble(slug: str, data: EnsembleCreate, _: SubmitLimit, session: Se
     against the submission quota and ranks on the board like any entry."""
     comp = get_competition(session, slug)
     member = membership(session, comp, user)
-    return _out(session, ensembles.create_ensemble(session, comp, member, user, data.members))
+    return views.summary(session, ensembles.create_ensemble(session, comp, member, user, data.members))
 
 
 @router.get("/competitions/{slug}/budget", response_model=BudgetOut, responses=error_responses(401, 403, 404))
@@ -73,28 +69,12 @@ def my_submissions(session: SessionDep, user: CurrentUser, competition: str | No
 @router.get("/submissions/{submission_id}", response_model=SubmissionDetail,
             responses=error_responses(401, 404, 422))
 def get_submission(submission_id: SubmissionId, session: SessionDep, user: CurrentUser):
-    sub = service.get_own_submission(session, user, submission_id)
-    return _detail(session, sub)
+    """Its team's, and readable by its competition's organizer and admins; anyone else gets a 404."""
+    return views.detail(session, service.get_visible_submission(session, user, submission_id))
 
 
 @router.post("/submissions/{submission_id}/cancel", response_model=SubmissionDetail,
              responses=error_responses(401, 404, 409, 422))
 def cancel_submission(submission_id: SubmissionId, session: SessionDep, user: CurrentUser):
     sub = service.get_own_submission(session, user, submission_id)
-    return _detail(session, service.cancel(session, sub))
-
-
-def _out(session: Session, sub: Submission) -> SubmissionOut:
-    """The submission with its cost unit, and its queue position and ETA while queued or running."""
-    return SubmissionOut.model_validate(sub).model_copy(update=eta.annotate(session, sub))
-
-
-def _detail(session: Session, sub: Submission) -> SubmissionDetail:
-    epochs = service.epochs_by_run(session, [r.id for r in sub.runs])
-    runs = []
-    for r in sub.runs:
-        detail = RunDetail.model_validate(r)
-        detail.epochs = [EpochOut.model_validate(e) for e in epochs.get(r.id, [])]
-        detail.result = service.participant_view(r.result)
-        runs.append(detail)
-    return SubmissionDetail(**_out(session, sub).model_dump(), runs=runs)
+    return views.detail(session, service.cancel(session, sub))

@@ -145,6 +145,21 @@ def get_own_submission(session: Session, user: User, submission_id: int) -> Subm
     return sub
 
 
+def get_visible_submission(session: Session, user: User, submission_id: int) -> Submission:
+    """What a submission's reader may see: its team (get_own_submission), and its competition's organizer and
+    admins, who see every config on its board too. Anyone else gets the same 404 as for an id that doesn't
+    exist. Acting on it (cancel) stays its team's alone."""
+    try:
+        return get_own_submission(session, user, submission_id)
+    except NotFound:
+        from app.competitions.service import is_manager  # app.competitions imports this module
+
+        sub = session.get(Submission, submission_id)
+        if sub is not None and is_manager(session.get(Competition, sub.competition_id), user):
+            return sub
+        raise
+
+
 def _same_team(session: Session, user: User, sub: Submission) -> bool:
     return session.scalar(select(Membership.id).where(Membership.user_id == user.id,
                                                       Membership.team_id == sub.team_id)) is not None

@@ -98,9 +98,10 @@ MATRIX: dict[tuple[str, str], tuple] = {
     ("get", "/api/competitions/{slug}/budget"): (lambda w: (f"/api/competitions/{w.slug}/budget", None),
                                                  (401, 200, 200, 403, 403, 403)),
     ("get", "/api/submissions"): (lambda w: ("/api/submissions", None), (401, 200, 200, 200, 200, 200)),
-    # A submission is its team's: anyone else gets the same 404 as for an id that does not exist.
+    # A submission is its team's, readable by its competition's organizer and admins: anyone else gets the
+    # same 404 as for an id that does not exist. Only its team may cancel it.
     ("get", "/api/submissions/{submission_id}"): (lambda w: (f"/api/submissions/{w.submission_id}", None),
-                                                  (401, 200, 404, 404, 404, 404)),
+                                                  (401, 200, 404, 404, 200, 200)),
     ("post", "/api/submissions/{submission_id}/cancel"): (
         lambda w: (f"/api/submissions/{w.submission_id}/cancel", None), (401, 200, 404, 404, 404, 404)),
     ("get", "/api/me"): (lambda w: ("/api/me", None), (401, 200, 200, 200, 200, 200)),
