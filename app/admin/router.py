@@ -28,7 +28,8 @@ def add_user(data: UserCreate, session: SessionDep, _admin: CurrentAdmin):
 
 @router.get("/workers", response_model=FleetOut, responses=error_responses(401, 403))
 def workers(session: SessionDep, _admin: CurrentAdmin) -> dict:
-    """The worker fleet (hostname, queues, device, busy/idle/offline) and queue depths."""
+    """The worker fleet (hostname, queues, device, busy/idle/offline, current run, heartbeat age), queue depths
+    with each queue's oldest waiting run, and the running runs whose heartbeat is stale."""
     return fleet(session)
 
 

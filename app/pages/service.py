@@ -1,7 +1,7 @@
 """What the core pages show, assembled from the JSON API's own services so that a page shows a viewer exactly
 what the API would show them: the board through app.leaderboard.router.read_board (the API's reader), a
 submission through the API's visibility rule and assembly (app.submissions.service.get_visible_submission,
-app.submissions.views.detail), with its participant view of a run's stored result. No HTTP here, and no SQL of its own."""
+app.submissions.views.detail), with its participant view of a run's stored result. No HTTP, no SQL of its own."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from app.leaderboard.router import read_board
 from app.leaderboard.schemas import Board
 from app.submissions import service as submissions
 from app.submissions import views
-from app.submissions.models import TERMINAL, FailureKind, Run, RunStatus
+from app.submissions.models import TERMINAL, Run
 from app.submissions.schemas import RunDetail, SubmissionDetail
 from worker.engine.result import TrainResult, json_safe
 
@@ -121,7 +121,7 @@ def submission_page(session: Session, user: User, submission_id: int) -> Submiss
     detail = views.detail(session, sub)
     runs = [_run_view(r, d) for r, d in zip(sub.runs, detail.runs, strict=True)]
     return SubmissionPage(detail=detail, competition=session.get(Competition, sub.competition_id),
-                          terminal=sub.status in TERMINAL, failure=failure_words(detail), runs=runs)
+                          terminal=sub.status in TERMINAL, failure=detail.failure_reason, runs=runs)
 
 
 def _run_view(run: Run, detail: RunDetail) -> RunView:
@@ -146,40 +146,6 @@ def _record(result: dict[str, Any] | None) -> TrainResult | None:
         return TrainResult.model_validate(result)
     except ValidationError:
         return None
-
-
-_CONSEQUENCE = {
-    FailureKind.infrastructure: "retried automatically and refunded (not charged to your team)",
-    FailureKind.config: "caused by the config; charged to your team's budget",
-    FailureKind.timeout: "it ran past its time limit; charged to your team's budget",
-}
-_WHAT = {
-    FailureKind.infrastructure: "the worker or the machine failed",
-    FailureKind.config: "the run could not go on with this config",
-    FailureKind.timeout: "the run ran past its time limit",
-}
-
-
-def failure_words(detail: SubmissionDetail) -> str | None:
-    """Why it did not succeed, in plain words: whose fault (failure_kind), what happened (the run's error),
-    and what it cost. None while it runs or once it succeeded."""
-    if detail.status == RunStatus.cancelled:
-        return f"cancelled: {detail.error or 'by its team'}"
-    if detail.status not in (RunStatus.failed, RunStatus.diverged):
-        return None
-    bad = next((r for r in detail.runs if r.status == detail.status), None)
-    if detail.status == RunStatus.diverged:
-        where = ""
-        if bad is not None and bad.diverged_epoch is not None:
-            where = f" at epoch {bad.diverged_epoch}" + (f", step {bad.diverged_step}" if bad.diverged_step else "")
-        return (f"config: the training loss diverged (became NaN or infinite){where}; try a lower learning rate; "
-                f"{_CONSEQUENCE[FailureKind.config]}")
-    try:
-        kind = FailureKind(detail.failure_kind or FailureKind.config)
-    except ValueError:
-        kind = FailureKind.config
-    what = (bad.error if bad is not None and bad.error else None) or detail.error or _WHAT[kind]
-    return f"{kind.value}: {what}; {_CONSEQUENCE[kind]}"
 
 
 def live_json(page: SubmissionPage) -> dict[str, Any]:

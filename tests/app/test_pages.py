@@ -300,7 +300,10 @@ def test_a_failure_is_said_in_plain_words(client, db, admin_headers):
     assert 'data-status="failed"' in page
     assert re.search(r'id="failure"[^>]*>infrastructure: the worker was lost; retried automatically and refunded',
                      page)
-    assert _get(client, f"/submissions/{sub['id']}/live.json", me).json()["failure"].startswith("infrastructure:")
+    live = _get(client, f"/submissions/{sub['id']}/live.json", me).json()["failure"]
+    assert live.startswith("infrastructure:")
+    # The page, the API and so the student CLI say it in the same words.
+    assert client.get(f"/api/submissions/{sub['id']}", headers=me).json()["failure_reason"] == live
 
 
 @pytest.mark.parametrize("path", ["/submissions/999999", "/submissions/abc", "/submissions/0", "/submissions/-1",
