@@ -11,12 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from worker import student
+
 if TYPE_CHECKING:  # the engine loads lazily: `hparena api` never imports torch
     from worker.engine.result import TrainResult
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="hparena: hyperparameter-tuning competitions on ResNet18/CIFAR-10.")
 console = Console()
+student.register(cli)  # login, submit, status, leaderboard, cancel: worker/student.py
 
 
 def main() -> None:
@@ -187,6 +190,27 @@ def worker(
     # treats a run "running on my hostname" as left behind by this worker's own dead child).
     argv += ["--hostname", hostname or f"{hc}-{os.getpid()}@%h"]
     celery.worker_main(argv)
+
+
+@cli.command("prepare-data")
+def prepare_data(
+    image_size: Annotated[int, typer.Option(help="Pack at this size (a competition's data.image_size)")] = 32,
+) -> None:
+    """Pack the default CIFAR-10 into HPARENA_DATA_DIR unless it is there already (the image's entrypoint runs
+    this before a worker starts, so the first run doesn't pay for it inside its time limit)."""
+    from app.config import get_settings
+    from worker.engine.config import DataSpec
+    from worker.engine.data import DatasetError, load_dataset
+
+    settings = get_settings()
+    try:
+        dataset = load_dataset(DataSpec(image_size=image_size), settings.data_dir, download=settings.allow_download,
+                               default_path=settings.dataset_path)
+    except DatasetError as e:
+        console.print(f"[red]dataset error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"Data ready in {settings.data_dir}: {dataset.source}: "
+                  f"{dataset.num_train} train / {dataset.num_test} test images")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ hyperparameters), scored by its public accuracy (the mean over its seeds). Only 
 nothing here can leak a private number, before the close or after.
 
 Importance is Optuna's, not ours: each submission becomes a finished trial (optuna.trial.create_trial) whose
-params are its config's values of the hyperparameters the competition's search space lets vary, with
-distributions built from that space (a {min, max} range is a float or int distribution, a {choices} list a
-categorical one; a fixed hyperparameter, or one outside the space, is not a param). The trials go into an
+params are its config's values of the hyperparameters that vary among the entries, with distributions built
+from the competition's search space where it restricts one (a {min, max} range is a float or int distribution,
+a {choices} list a categorical one), else from the values seen (numbers) or the engine's own options (choices).
+A hyperparameter fixed by the space, or one no entry varies, is not a param. The trials go into an
 in-memory study, and optuna.importance.get_param_importances ranks them with the PED-ANOVA evaluator.
 
 Why PED-ANOVA, with target_quantile=0.25, and not fANOVA. On synthetic studies of 30 trials (lr log-uniform
@@ -34,7 +35,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -51,7 +52,7 @@ from app.leaderboard import bands
 from app.leaderboard.board import phase
 from app.leaderboard.models import BoardCache
 from app.submissions.models import RunStatus, Submission, SubmissionKind
-from worker.engine.config import Choices, Range, TrainConfig, effective_space
+from worker.engine.config import NUMERIC, Choices, Range, TrainConfig, effective_space
 
 MIN_TRIALS = 10  # succeeded submissions before importance means anything (see the module docstring)
 TARGET_QUANTILE = 0.25  # PED-ANOVA's "good" trials: the best quarter (see the module docstring)
@@ -155,7 +156,7 @@ def view(a: Analysis, comp: Competition, *, manager: bool, closed: bool, hours_u
         notes.append(f"Hyperparameter importance needs at least {MIN_TRIALS} succeeded submissions; there "
                      f"{'is' if len(a.entries) == 1 else 'are'} {len(a.entries)} so far.")
     elif not a.params:
-        notes.append("No hyperparameter of the search space varies among the succeeded submissions.")
+        notes.append("No hyperparameter varies among the succeeded submissions.")
     if not configs_shown:
         notes.append("The organizers did not reveal configs: only the aggregate importance and accuracy against "
                      f"{hours_unit} are shown.")
@@ -253,11 +254,15 @@ def param_importances(distributions: dict[str, BaseDistribution],
 
 def _varying_params(comp: Competition, configs: list[dict[str, Any]]
                     ) -> tuple[list[Param], dict[str, BaseDistribution]]:
-    """The search space's hyperparameters that take more than one value among `configs`, in the space's
-    order, with the distribution each trial declares for it."""
+    """The hyperparameters that take more than one value among `configs` (the search space's first, in its
+    order, then the ones it leaves free), with the distribution each trial declares for it."""
     params: list[Param] = []
     dists: dict[str, BaseDistribution] = {}
-    for name, rule in effective_space(comp.search_space).items():
+    space = effective_space(comp.search_space)
+    for name in [*space, *(n for n in TrainConfig.model_fields if n not in space)]:
+        rule = space.get(name) or _engine_rule(name)
+        if rule is None:
+            continue
         dist = _distribution(name, rule, [c.get(name) for c in configs])
         if dist is None:
             continue
@@ -270,6 +275,19 @@ def _varying_params(comp: Competition, configs: list[dict[str, Any]]
         else:
             params.append(Param(name, "numeric", log=dist.log))
     return params, dists
+
+
+def _engine_rule(name: str) -> Range | Choices | None:
+    """A hyperparameter the competition leaves free: a number is bounded by the values seen (an open Range),
+    a choice by the engine's own options (its Literal, or a bool). None: not a scalar hyperparameter."""
+    if name in NUMERIC:
+        return Range()
+    ann = TrainConfig.model_fields[name].annotation
+    if get_origin(ann) is Literal:
+        return Choices(choices=list(get_args(ann)))
+    if ann is bool:
+        return Choices(choices=[False, True])
+    return None
 
 
 def _distribution(name: str, rule: Range | Choices, observed: list[Any]) -> BaseDistribution | None:

@@ -77,7 +77,7 @@ def _data(html: str) -> dict:
 def _world(client, admin_headers, *, n: int, **overrides):
     """A competition closing in an hour, three teams, and `n` succeeded submissions whose public accuracy
     depends on lr alone (a peak at lr = 0.1); batch_size and weight_decay vary at random, and label_smoothing
-    (outside the search space) varies too. -> (comp, organizer, teams, planted rows)."""
+    (which the search space leaves free) varies too. -> (comp, organizer, teams, planted rows)."""
     org = make_organizer(client, admin_headers)
     deadline = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     comp = make_competition(client, org, search_space=SPACE, deadline=deadline, **overrides)
@@ -137,14 +137,15 @@ def test_importance_ranks_the_planted_param_first_and_the_front_is_the_boards(cl
     assert re.search(r'id="insights-trials">30<', r.text)
     rows = page.rows("importance", "data-param")
     assert [row["data-param"] for row in rows][0] == "lr", rows
-    assert {row["data-param"] for row in rows} == {"lr", "batch_size", "weight_decay"}  # not label_smoothing
+    # label_smoothing is outside the search space but varies: it counts, bounded by the values seen.
+    assert {row["data-param"] for row in rows} == {"lr", "batch_size", "weight_decay", "label_smoothing"}
     shares = [float(row["data-importance"]) for row in rows]
     assert shares == sorted(shares, reverse=True) and math.isclose(sum(shares), 1.0, rel_tol=1e-6)
     assert shares[0] > 0.5
     assert not page.has("div", id="insights-note")
 
-    # One chart per varying hyperparameter of the space, lr on a log axis, batch_size on a category axis.
-    assert page.param_charts() == ["lr", "batch_size", "weight_decay"]
+    # One chart per varying hyperparameter (the space's first), lr on a log axis, batch_size on a category axis.
+    assert page.param_charts() == ["lr", "batch_size", "weight_decay", "label_smoothing"]
     data = _data(r.text)
     charts = {c["name"]: c for c in data["params"]}
     assert charts["lr"]["kind"] == "numeric" and charts["lr"]["log"] is True
@@ -170,13 +171,13 @@ def test_too_few_submissions_show_how_many_are_needed(client, admin_headers):
     note = re.search(r'id="insights-note"[^>]*>(.*?)</div>', r.text, re.S).group(1)
     assert "at least 10 succeeded submissions" in note and "are 9 so far" in note
     assert not page.rows("importance", "data-param")
-    assert page.param_charts() == ["lr", "batch_size", "weight_decay"]  # the charts need no minimum
+    assert page.param_charts() == ["lr", "batch_size", "weight_decay", "label_smoothing"]  # no minimum for charts
 
     # The tenth result lands: a new board version, so the memoised analysis is computed again.
     land(client, comp, teams[0], {"accuracy": 0.5, "gpu_seconds": 100.0}, lr=0.002, batch_size=64)
     page = _Page(_get(client, f"/competitions/{comp['slug']}/insights", org).text)
     assert not page.has("div", id="insights-note")
-    assert len(page.rows("importance", "data-param")) == 3
+    assert len(page.rows("importance", "data-param")) == 4
 
 
 @pytest.mark.parametrize("reveal", [False, True], ids=["hidden", "revealed"])
@@ -188,12 +189,12 @@ def test_after_the_close_configs_show_only_when_revealed(client, admin_headers, 
         assert r.status_code == 200, r.text
         page, data = _Page(r.text), _data(r.text)
         # The aggregates, for everyone: importance and accuracy against GPU-hours.
-        assert {row["data-param"] for row in page.rows("importance", "data-param")} == set(SPACE)
+        assert {row["data-param"] for row in page.rows("importance", "data-param")} == {*SPACE, "label_smoothing"}
         assert len(data["pareto"]) == 12
         assert all("submission_id" not in p for p in data["pareto"])  # organizers only
         lrs = {json.dumps(p["config"]["lr"]) for p in planted}
         if reveal:
-            assert page.param_charts() == ["lr", "batch_size", "weight_decay"]
+            assert page.param_charts() == ["lr", "batch_size", "weight_decay", "label_smoothing"]
             assert {p["team"] for p in data["pareto"]} == {"team-0", "team-1", "team-2"}
             assert lrs <= {json.dumps(p["x"]) for p in data["params"][0]["points"]}
         else:

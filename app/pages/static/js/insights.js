@@ -25,7 +25,8 @@
           legend: { display: datasets.length > 1 },
           tooltip: { callbacks: { label: function (ctx) { return tooltip(ctx.raw); } } }
         },
-        scales: { x: xScale, y: { title: { display: true, text: yTitle } } }
+        scales: { x: xScale, y: { grace: "5%", title: { display: true, text: yTitle } } },
+        layout: { padding: 12 }
       }
     });
   }
@@ -37,11 +38,11 @@
       .sort(function (a, b) { return a.x - b.x || b.y - a.y; });
     var rest = data.pareto.filter(function (p) { return !p.front; });
     scatter(pareto, [
-      { label: "Pareto front", data: front, showLine: true, stepped: "after", borderColor: FRONT,
+      { label: "Pareto front", data: front, showLine: true, stepped: "before", borderColor: FRONT,
         backgroundColor: FRONT, pointRadius: 5, order: 0 },
       { label: "other submissions", data: rest, borderColor: OTHER, backgroundColor: OTHER, pointRadius: 3,
         order: 1 }
-    ], { type: "linear", title: { display: true, text: data.hours_unit } }, "public accuracy (%)",
+    ], { type: "linear", grace: "5%", title: { display: true, text: data.hours_unit } }, "public accuracy (%)",
     function (p) { return label(p, p.x.toPrecision(3) + " " + data.hours_unit); });
   }
 
@@ -51,7 +52,7 @@
     if (!canvas) return;
     var x = param.kind === "categorical"
       ? { type: "category", labels: param.labels, offset: true }
-      : { type: param.log ? "logarithmic" : "linear" };
+      : param.log ? { type: "logarithmic", ticks: { maxTicksLimit: 6 } } : { type: "linear", grace: "5%" };
     x.title = { display: true, text: param.name };
     scatter(canvas, [{ label: param.name, data: param.points, borderColor: OTHER, backgroundColor: OTHER,
       pointRadius: 3 }], x, "public accuracy (%)",

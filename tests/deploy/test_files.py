@@ -1,0 +1,319 @@
+"""The deployment files, checked without a Docker engine or a cluster: they parse, every HPARENA_* variable
+they set is a Settings field, the worker command lines are what `hparena worker` accepts and consume the queue
+the code derives from the class (and KEDA watches that queue's Redis list), each compose worker has a GPU of
+its own, the committed compose file is the generator's output, and the image's CUDA matches torch's."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import Settings
+from app.queue import celery_config
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = sorted((ROOT / "deploy/k8s").glob("*.yaml"))
+EXAMPLE = {"HPARENA_ADMIN_TOKEN": "x" * 32, "HPARENA_HARDWARE_CLASS": "h100-80gb", "HPARENA_WORKER_THREADS": "8",
+           "DB_OWNER_PASSWORD": "o", "DB_API_PASSWORD": "a", "DB_WORKER_PASSWORD": "w", "HPARENA_COMMIT": "abc",
+           "POSTGRES_PASSWORD": "p", "FLOWER_BASIC_AUTH": "admin:f"}
+
+
+def _interpolate(value: str) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, with EXAMPLE as the .env."""
+    def sub(m: re.Match) -> str:
+        name, op, rest = m.group(1), m.group(2), m.group(3)
+        if name in EXAMPLE:
+            return EXAMPLE[name]
+        assert op == ":-", f"${{{name}}} has no example value"
+        return rest
+    return re.sub(r"\$\{(\w+)(?:(:[-?])([^}]*))?\}", sub, value)
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _workers(compose: dict) -> dict[str, dict]:
+    return {name: s for name, s in compose["services"].items() if s.get("command", [])[:2] == ["hparena", "worker"]}
+
+
+def _service_env(service: dict) -> dict[str, str]:
+    return {k: _interpolate(str(v)) for k, v in (service.get("environment") or {}).items()}
+
+
+def _k8s_docs() -> list[tuple[Path, dict]]:
+    return [(f, d) for f in K8S for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def _k8s_containers() -> list[tuple[dict, dict]]:
+    """(pod template spec, container) for every Deployment, StatefulSet and Job."""
+    out = []
+    for _, d in _k8s_docs():
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            pod = d["spec"]["template"]["spec"]
+            out += [(pod, c) for c in pod["containers"]]
+    return out
+
+
+def _k8s_env(container: dict) -> dict[str, str]:
+    env = {}
+    for ref in container.get("envFrom", []):
+        cm = [d for _, d in _k8s_docs() if d["kind"] == "ConfigMap"
+              and d["metadata"]["name"] == ref["configMapRef"]["name"]]
+        assert cm, f"ConfigMap {ref} is not defined under deploy/k8s"
+        env.update(cm[0]["data"])
+    for e in container.get("env", []):
+        env[e["name"]] = e.get("value", "secret-value-" + "x" * 24)
+    return env
+
+
+def _settings(env: dict[str, str], monkeypatch) -> Settings:
+    for k in [k for k in __import__("os").environ if k.startswith("HPARENA_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if "HPARENA_DATABASE_URL" not in env:
+        monkeypatch.setenv("HPARENA_DATABASE_URL", "postgresql+psycopg://x@db/x")
+    return Settings(_env_file=None)
+
+
+def _worker_invocation(argv: list[str]) -> dict:
+    """Parse `hparena worker ...` with the CLI's own parser (nothing runs)."""
+    import typer.main
+
+    from worker.cli import cli
+
+    assert argv[:2] == ["hparena", "worker"], argv
+    group = typer.main.get_command(cli)
+    command = group.commands["worker"]
+    return command.make_context("worker", list(argv[2:])).params
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", duration)
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing and variables
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_compose_and_every_kubernetes_file_parse():
+    assert _compose()["services"]
+    assert K8S and all(d.get("kind") for _, d in _k8s_docs())
+
+
+def test_every_hparena_variable_set_is_a_settings_field():
+    fields = {f"HPARENA_{name.upper()}" for name in Settings.model_fields}
+    used = set()
+    for service in _compose()["services"].values():
+        used |= {k for k in (service.get("environment") or {}) if k.startswith("HPARENA_")}
+    for _, c in _k8s_containers():
+        used |= {k for k in _k8s_env(c) if k.startswith("HPARENA_")}
+    used |= {k for _, d in _k8s_docs() if d["kind"] == "ConfigMap" for k in d["data"] if k.startswith("HPARENA_")}
+    for f in [ROOT / "Dockerfile.gpu", ROOT / "deploy/compose.env.example"]:
+        used |= set(re.findall(r"\b(HPARENA_\w+)=", f.read_text())) - {"HPARENA_COMMIT"}  # a build arg
+    assert used and used <= fields, f"not Settings fields: {sorted(used - fields)}"
+
+
+def test_each_service_settings_validate_in_production(monkeypatch):
+    for name, service in _compose()["services"].items():
+        env = _service_env(service)
+        if any(k.startswith("HPARENA_") for k in env):
+            s = _settings(env, monkeypatch)
+            assert s.environment == "production" and s.database_url.startswith("postgresql"), name
+    for _, c in _k8s_containers():
+        if c["image"].startswith("hparena"):
+            assert _settings(_k8s_env(c), monkeypatch).environment == "production"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compose: one pinned worker per GPU, separate credentials, the generator
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_each_compose_worker_has_a_gpu_of_its_own_and_a_node_name_of_its_own():
+    workers = _workers(_compose())
+    assert len(workers) >= 2
+    ids, names = [], []
+    for name, s in workers.items():
+        devices = s["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1 and devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+        assert "count" not in devices[0], f"{name}: count gives every replica the same GPU; pin device_ids"
+        assert len(devices[0]["device_ids"]) == 1
+        ids += devices[0]["device_ids"]
+        names.append(_worker_invocation(s["command"])["hostname"])
+        assert "replicas" not in s.get("deploy", {}), f"{name}: replicas of one service share its GPU"
+    assert len(set(ids)) == len(ids), f"two workers share a GPU: {ids}"
+    assert len(set(names)) == len(names) and all(n.endswith("@%h") for n in names), names
+
+
+def test_compose_workers_consume_their_class_queue_with_the_celery_settings_the_code_expects(monkeypatch):
+    for name, s in _workers(_compose()).items():
+        params = _worker_invocation(s["command"])
+        settings = _settings(_service_env(s), monkeypatch)
+        hc = params["hardware_class"] or settings.hardware_class
+        assert hc == "h100-80gb" and settings.queue_for(hc) == "train.h100-80gb", name
+        conf = celery_config(settings)
+        assert conf["worker_concurrency"] == 1 and conf["worker_prefetch_multiplier"] == 1
+        assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+        assert not any(a.startswith(("--concurrency", "-c", "--prefetch")) for a in s["command"])
+        # SIGTERM is a warm shutdown: compose must wait as long as a run may take before it kills.
+        assert _seconds(s["stop_grace_period"]) > settings.task_time_limit_seconds, name
+        assert {v.split(":")[1] for v in s["volumes"]} == {str(settings.data_dir), str(settings.checkpoint_dir)}
+
+
+def test_compose_services_use_separate_database_roles_and_the_owner_only_migrates():
+    services = _compose()["services"]
+    user = {name: _service_env(s)["HPARENA_DATABASE_URL"].split("://")[1].split(":")[0]
+            for name, s in services.items() if "HPARENA_DATABASE_URL" in (s.get("environment") or {})}
+    workers = set(_workers(_compose()))
+    assert user["migrate"] == "hparena" and user["api"] == "hparena_api"
+    assert {user[w] for w in workers} == {"hparena_worker"}
+    roles = (ROOT / "deploy/postgres/init-roles.sh").read_text()
+    assert "DB_API_USER:-hparena_api" in roles and "DB_WORKER_USER:-hparena_worker" in roles
+    assert "DB_OWNER:-hparena}" in roles
+
+
+def test_compose_has_health_checks_named_volumes_flower_and_a_redis_that_keeps_its_tokens():
+    compose = _compose()
+    services = compose["services"]
+    for name in ["postgres", "redis", "api", *_workers(compose)]:
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no health check"
+    assert "/api/health" in " ".join(services["api"]["healthcheck"]["test"])
+    assert {"pgdata", "data", "checkpoints", "redisdata"} <= set(compose["volumes"])
+    redis = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis and "--maxmemory-policy noeviction" in redis
+    assert "--broker=redis://redis:6379/0" in services["flower"]["command"]
+    broker = {_service_env(s)["HPARENA_BROKER_URL"] for s in services.values() if "environment" in s
+              and "HPARENA_BROKER_URL" in s["environment"]}
+    assert broker == {"redis://redis:6379/0"}  # Flower watches the broker the workers use
+    assert "--scale" not in (ROOT / "docker-compose.yml").read_text().replace("never with `--scale`", "")
+
+
+def test_the_committed_compose_file_is_the_generators_output_for_its_default():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/compose-gpus")], capture_output=True, text=True,
+                         check=True).stdout
+    assert out == (ROOT / "docker-compose.yml").read_text(), "regenerate: scripts/compose-gpus > docker-compose.yml"
+
+
+def test_the_generator_pins_n_distinct_gpus_for_a_named_class():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/compose-gpus"), "--gpus", "4", "--hardware-class",
+                          "a100-40gb", "--threads", "6"], capture_output=True, text=True, check=True).stdout
+    workers = _workers(yaml.safe_load(out))
+    ids = [w["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for w in workers.values()]
+    assert ids == ["0", "1", "2", "3"]
+    assert {w["environment"]["HPARENA_HARDWARE_CLASS"] for w in workers.values()} == {"a100-40gb"}
+    assert {w["environment"]["HPARENA_WORKER_THREADS"] for w in workers.values()} == {"6"}
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts/compose-gpus"), "--gpu-ids", "1,1"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "distinct" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kubernetes: a worker Deployment per class, KEDA on the class's list, a drain that outlasts a run
+# ----------------------------------------------------------------------------------------------------
+
+
+def _worker_deployments() -> list[dict]:
+    return [d for _, d in _k8s_docs() if d["kind"] == "Deployment"
+            and d["spec"]["template"]["spec"]["containers"][0]["args"][:2] == ["hparena", "worker"]]
+
+
+def test_kubernetes_worker_per_class_one_gpu_node_selector_and_keda_on_its_queue(monkeypatch):
+    deployments = _worker_deployments()
+    scaled = {d["spec"]["scaleTargetRef"]["name"]: d for _, d in _k8s_docs() if d["kind"] == "ScaledObject"}
+    classes = set()
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        params = _worker_invocation(c["args"])
+        settings = _settings(_k8s_env(c), monkeypatch)
+        hc = params["hardware_class"]
+        assert hc == settings.hardware_class, "the flag and HPARENA_HARDWARE_CLASS disagree"
+        classes.add(hc)
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"].get("nvidia.com/gpu.product")
+        assert params["hostname"].endswith("@%h")
+        conf = celery_config(settings)
+        assert conf["worker_concurrency"] == 1 and conf["worker_prefetch_multiplier"] == 1
+        # Scale-in drains: a preStop hook and a grace period longer than any run.
+        assert c["lifecycle"]["preStop"]["exec"]["command"] == ["hparena-drain"]
+        assert pod["terminationGracePeriodSeconds"] > settings.task_time_limit_seconds
+        (trigger,) = scaled[d["metadata"]["name"]]["spec"]["triggers"]
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listName"] == settings.queue_for(hc)
+        assert trigger["metadata"]["address"].startswith("redis.")
+    assert {"h100-80gb", "a100-40gb"} <= classes
+    assert len(scaled) == len(deployments)
+
+
+def test_kubernetes_migrates_as_the_owner_and_serves_as_separate_roles():
+    keys = {}
+    for _, c in _k8s_containers():
+        for e in c.get("env", []):
+            if e["name"] == "HPARENA_DATABASE_URL":
+                keys[c["args"][1]] = e["valueFrom"]["secretKeyRef"]["key"]
+    assert keys == {"migrate": "database-url-owner", "api": "database-url-api", "worker": "database-url-worker"}
+
+
+def test_the_kombu_redis_list_of_a_queue_is_named_after_it():
+    """What KEDA's listName relies on: a message with no priority goes to the list named like the queue."""
+    from kombu.transport.redis import Channel
+
+    channel = Channel.__new__(Channel)
+    channel.priority_steps, channel.sep = [0, 3, 6, 9], "\x06\x16"
+    assert channel._q_for_pri("train.h100-80gb", 0) == "train.h100-80gb"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The image
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_the_image_runs_as_a_non_root_user_on_a_cuda_base_matching_torch():
+    text = (ROOT / "Dockerfile.gpu").read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    (base,) = re.findall(r"^FROM\s+nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu\S+", text, re.M)
+    torch_cuda = _torch_cuda()
+    assert f"{base[0]}.{base[1]}" == torch_cuda
+    assert "hparena-entrypoint" in text and "tini" in text
+
+
+def _torch_cuda() -> str:
+    """torch.version.cuda, read without importing torch (its version module is plain Python)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    version = Path(spec.origin).parent / "version.py"
+    (cuda,) = re.findall(r"^cuda: Optional\[str\] = '([\d.]+)'", version.read_text(), re.M)
+    return cuda
+
+
+@pytest.mark.slow
+def test_the_entrypoint_packs_the_dataset_for_a_worker_then_runs_the_command(tmp_path, tiny_cifar):
+    import os
+
+    env = {**os.environ, "HPARENA_DATA_DIR": str(tmp_path / "data"), "HPARENA_DATASET_PATH": str(tiny_cifar),
+           "HPARENA_ALLOW_DOWNLOAD": "false", "HPARENA_VAR_DIR": str(tmp_path / "var"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    entry = str(ROOT / "deploy/docker/entrypoint.sh")
+    done = subprocess.run([entry, "hparena", "worker", "--help"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Data ready" in done.stdout and "Usage" in done.stdout
+    assert list((tmp_path / "data").glob("packed-*.pt"))
+    # Not a worker: nothing is prepared. A worker with no data to be had doesn't start.
+    env["HPARENA_DATA_DIR"] = str(tmp_path / "other")
+    assert subprocess.run([entry, "true"], env=env).returncode == 0 and not (tmp_path / "other").exists()
+    env["HPARENA_DATASET_PATH"] = str(tmp_path / "missing.tar.gz")
+    assert subprocess.run([entry, "hparena", "worker", "--help"], env=env, capture_output=True).returncode != 0
