@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tarfile
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,18 @@ def client(db):
 
     with TestClient(create_app()) as c:
         yield c
+
+
+@pytest.fixture
+def clock():
+    """Move utcnow() by an offset (the whole app reads time through it): clock(timedelta(hours=2)). Put back
+    after the test."""
+    from app import db as app_db
+
+    def move(delta: timedelta) -> None:
+        app_db.CLOCK_OFFSET[0] = delta
+    yield move
+    app_db.CLOCK_OFFSET[0] = timedelta(0)
 
 
 @pytest.fixture

@@ -159,6 +159,14 @@ def bind(session) -> None:
         f._meta.sqlalchemy_session = session
 
 
+def team_member(comp: Competition, name: str | None = None) -> tuple[Team, User]:
+    """A team in `comp` (named `name`, or the factory's next name) and a user who is its one member."""
+    team = TeamFactory(competition=comp, **({"name": name} if name else {}))
+    user = UserFactory()
+    MembershipFactory(user_id=user.id, team_id=team.id, competition_id=comp.id)
+    return team, user
+
+
 # ---- results landed the way a worker lands them, with planted per-image outcomes ------------------------
 
 _config_n = itertools.count(1)

@@ -63,14 +63,16 @@ def run_demo(console: Console, *, port: int, entries: int, exit_when_done: bool)
         admin = {"Authorization": f"Bearer {settings.admin_token}"}
         with httpx.Client(base_url=base, timeout=30) as http:
             submitted = _setup(http, admin, entries, console)
-            console.print(f"\nAPI docs:     {base}/docs\nLeaderboard:  {base}/api/competitions/{DEMO_SLUG}/leaderboard"
-                          f"\nLogs:         {logs}/\n")
+            console.print(f"\nBoard (live): {base}/competitions/{DEMO_SLUG}\nInsights:     {base}/competitions/"
+                          f"{DEMO_SLUG}/insights\nAdmin:        {base}/admin (sign in at {base}/login with the "
+                          f"admin token)\nAPI docs:     {base}/docs\nMetrics:      {base}/metrics\nLogs:         "
+                          f"{logs}/\n", markup=False)
             console.print("Submit your own (join first, then use the token it returns):\n"
                           f"  curl -s -X POST {base}/api/competitions/{DEMO_SLUG}/join -H 'Content-Type: "
                           "application/json' -d '{\"name\": \"me\", \"team\": \"my-team\"}'\n"
-                          f"  curl -s -X POST {base}/api/competitions/{DEMO_SLUG}/submissions -H 'Authorization: "
-                          "Bearer TOKEN' -H 'Content-Type: application/json' -d '{\"config\": {\"lr\": 0.1, "
-                          "\"batch_size\": 128}}'\n")
+                          f"  .venv/bin/hparena login {base} TOKEN\n"
+                          "  echo 'lr: 0.1' > my.yaml\n"
+                          f"  .venv/bin/hparena submit my.yaml --competition {DEMO_SLUG} --watch\n", markup=False)
             return _watch(http, admin, submitted, console, exit_when_done, procs)
     finally:
         for p in procs:

@@ -4,13 +4,13 @@ They talk to the JSON API through worker.client and print Rich tables, or the AP
 Errors go to stderr as one sentence each (exit 1; 2 for a file that fails the local checks), never as a
 traceback. `submit` checks the file against the competition's search space and budget with the server's own
 check (check_in_space) before anything is sent, so a config the server would refuse costs no quota.
+`--watch`'s polling and live display are worker/watch.py.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +21,6 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.spinner import Spinner
 from rich.table import Table
 
 from worker.client import (
@@ -35,17 +32,14 @@ from worker.client import (
     Login,
     NotLoggedIn,
     SubmissionView,
-    Unreachable,
-    duration,
     load_login,
     normalize_url,
     outside_message,
     save_login,
 )
+from worker.watch import TERMINAL, acc_text, eta_text, queue_line, watch_submission
 
 PANEL = "Students"
-TERMINAL = frozenset({"succeeded", "failed", "diverged", "cancelled"})
-UNREACHABLE_GIVE_UP_SECONDS = 60.0  # --watch rides out a server restart shorter than this
 
 ServerOpt = Annotated[str | None, typer.Option("--server", help="API URL (default: the one you logged in to).")]
 TokenOpt = Annotated[str | None, typer.Option("--token", help="Bearer token (default: the stored one).")]
@@ -73,6 +67,15 @@ class Invalid(Exception):
 def _consoles() -> tuple[Console, Console]:
     # Made per command, so a test's COLUMNS (and a redirected stdout) apply.
     return Console(highlight=False), Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def _connected(ctx: typer.Context, server: str | None, token: str | None, *,
+               need_token: bool = True) -> Iterator[tuple[Console, ArenaClient]]:
+    """A command's stdout console and its client; a refusal on the way prints as one sentence on stderr."""
+    out, err = _consoles()
+    with _reported(err), _connect(ctx, server, token, need_token=need_token) as api:
+        yield out, api
 
 
 @contextmanager
@@ -119,25 +122,6 @@ def _when(dt: datetime | None) -> str:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone().strftime("%Y-%m-%d %H:%M")
-
-
-def _acc(mean: float | None, std: float | None = None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
-
-
-def _eta(sub: SubmissionView) -> str:
-    if sub.eta_seconds is not None:
-        return f"ETA {duration(sub.eta_seconds)}"
-    # The note's first clause says why there is none ("no live worker serves cpu now"); the rest is arithmetic.
-    return f"ETA unknown ({sub.eta_note.split(';')[0]})" if sub.eta_note else "ETA unknown"
-
-
-def _queue_line(sub: SubmissionView) -> str:
-    p = sub.queue_position
-    ahead = "next to start" if p == 0 else f"{p} run{'s' if p != 1 else ''} ahead"
-    return f"queue position {p} ({ahead}), {_eta(sub)}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,7 +227,7 @@ def submit(
             sub = api.submit(slug, cfg.model_dump(mode="json", exclude_unset=True), str(uuid.uuid4()))
             if not json_out:
                 seeds = f"{len(comp.seeds)} seed{'s' if len(comp.seeds) != 1 else ''}"
-                state = _queue_line(sub) if sub.status == "queued" else sub.status
+                state = queue_line(sub) if sub.status == "queued" else sub.status
                 out.print(f"submitted #{sub.id} to {slug} ({seeds}): {state}", markup=False, soft_wrap=True)
             if not watch:
                 if json_out:
@@ -263,79 +247,6 @@ def submit(
         raise typer.Exit(1)
 
 
-class _News:
-    """What the watch already printed, so each poll adds only what changed: queue moves, the start, epochs."""
-
-    def __init__(self, first: SubmissionView) -> None:
-        self.status, self.position = first.status, first.queue_position
-        self.epochs: dict[int, int] = {}
-
-    def lines(self, sub: SubmissionView) -> list[str]:
-        lines = []
-        if sub.status == "queued" and sub.queue_position != self.position:
-            lines.append(f"queued: {_queue_line(sub)}")
-        if sub.status == "running" and self.status != "running":
-            devices = sorted({r.device_name for r in sub.runs if r.device_name})
-            lines.append("running" + (f" on {', '.join(devices)}" if devices else ""))
-        planned = sub.planned_epochs
-        for run in sub.runs:
-            for e in run.epochs[self.epochs.get(run.id, 0):]:
-                loss = "" if e.train_loss is None else f", train loss {e.train_loss:.3f}"
-                lines.append(f"seed {run.seed}: epoch {e.epoch}/{planned or '?'}: public accuracy "
-                             f"{_acc(e.test_accuracy)}{loss}")
-            self.epochs[run.id] = len(run.epochs)
-        self.status, self.position = sub.status, sub.queue_position
-        return lines
-
-
-def _render(sub: SubmissionView) -> RenderableType:
-    if sub.status == "queued":
-        head = f"#{sub.id} queued: {_queue_line(sub)}"
-    else:
-        head = f"#{sub.id} {sub.status}, {_eta(sub)}"
-    bars = Table.grid(padding=(0, 1))
-    planned = sub.planned_epochs
-    for run in sub.runs:
-        done = len(run.epochs)
-        total = planned or max(done, 1)
-        latest = next((e.test_accuracy for e in reversed(run.epochs) if e.test_accuracy is not None), None)
-        bars.add_row(f"seed {run.seed}", ProgressBar(total=total, completed=max(done, run.progress * total),
-                                                     width=30),
-                     f"{done}/{total} epochs", f"acc {_acc(latest)}", run.status)
-    return Group(Spinner("dots", text=head), bars)
-
-
-def watch_submission(api: ArenaClient, sub: SubmissionView, out: Console | None,
-                     interval: float) -> SubmissionView:
-    """Poll GET /api/submissions/{id} until it is over. With a console: a live display (in a terminal) and a
-    line for each change (anywhere, so a log or a pipe sees the progress too)."""
-    news = _News(sub)
-    if out is None:
-        while (sub := _poll(api, sub.id, interval)).status not in TERMINAL:
-            time.sleep(interval)
-        return sub
-    with Live(console=out, refresh_per_second=8, transient=True) as live:
-        while True:
-            sub = _poll(api, sub.id, interval)
-            for line in news.lines(sub):
-                live.console.print(line, markup=False, soft_wrap=True)
-            if sub.status in TERMINAL:
-                return sub
-            live.update(_render(sub))
-            time.sleep(interval)
-
-
-def _poll(api: ArenaClient, submission_id: int, interval: float) -> SubmissionView:
-    since = time.monotonic()
-    while True:
-        try:
-            return api.submission(submission_id)
-        except Unreachable:
-            if time.monotonic() - since > UNREACHABLE_GIVE_UP_SECONDS:
-                raise
-            time.sleep(max(interval, 1.0))
-
-
 def failure_reason(sub: SubmissionView) -> str:
     """Why a submission that is over did not succeed: the API's own words (failure_reason), the same the
     submission page shows."""
@@ -346,7 +257,7 @@ def _score_line(sub: SubmissionView) -> str:
     runs = [r for r in sub.runs if r.round == 0] or sub.runs
     seeds = f"mean of {len(runs)} seeds" if len(runs) > 1 else "1 seed"
     hours = "-" if sub.gpu_seconds is None else f"{sub.gpu_seconds / 3600:.4f}"
-    return (f"accuracy {_acc(sub.accuracy, sub.accuracy_std)} (public half, {seeds}), "
+    return (f"accuracy {acc_text(sub.accuracy, sub.accuracy_std)} (public half, {seeds}), "
             f"{hours} {sub.hours_unit}")
 
 
@@ -373,8 +284,7 @@ def status(
     token: TokenOpt = None,
 ) -> None:
     """One submission in detail (its runs and epochs), or a table of your submissions."""
-    out, err = _consoles()
-    with _reported(err), _connect(ctx, server, token) as api:
+    with _connected(ctx, server, token) as (out, api):
         if submission_id is not None:
             sub = api.submission(submission_id)
             if json_out:
@@ -400,10 +310,10 @@ def _detail_table(sub: SubmissionView, slugs: dict[int, str]) -> RenderableType:
     if sub.status in TERMINAL - {"succeeded"}:
         t.add_row("reason", failure_reason(sub))
     if sub.status == "queued":
-        t.add_row("queue", _queue_line(sub))
+        t.add_row("queue", queue_line(sub))
     elif sub.status == "running":
-        t.add_row("ETA", _eta(sub).removeprefix("ETA "))
-    t.add_row("accuracy (public)", _acc(sub.accuracy, sub.accuracy_std))
+        t.add_row("ETA", eta_text(sub).removeprefix("ETA "))
+    t.add_row("accuracy (public)", acc_text(sub.accuracy, sub.accuracy_std))
     t.add_row(sub.hours_unit, "-" if sub.gpu_seconds is None else f"{sub.gpu_seconds / 3600:.4f}")
     t.add_row("submitted / finished", f"{_when(sub.created_at)} / {_when(sub.finished_at)}")
     t.add_row("config (besides defaults)", _config_text(sub.config))
@@ -413,7 +323,7 @@ def _detail_table(sub: SubmissionView, slugs: dict[int, str]) -> RenderableType:
     planned = sub.planned_epochs
     for r in sub.runs:
         runs.add_row(str(r.seed) + (f" (rescore {r.round})" if r.round else ""), r.status,
-                     f"{len(r.epochs)}/{planned or '?'}", _acc(r.accuracy), r.device_name or "-", r.error or "")
+                     f"{len(r.epochs)}/{planned or '?'}", acc_text(r.accuracy), r.device_name or "-", r.error or "")
     return Group(t, runs) if sub.runs else t
 
 
@@ -430,10 +340,10 @@ def _list_table(subs: list[SubmissionView], slugs: dict[int, str]) -> Renderable
     for col in ("id", "competition", "status", "accuracy", "hours", "queue / ETA", "submitted"):
         t.add_column(col)
     for s in subs:
-        live = _queue_line(s) if s.status == "queued" else _eta(s) if s.status == "running" else ""
+        live = queue_line(s) if s.status == "queued" else eta_text(s) if s.status == "running" else ""
         hours = "-" if s.gpu_seconds is None else f"{s.gpu_seconds / 3600:.4f} {s.hours_unit}"
         t.add_row(str(s.id), slugs.get(s.competition_id, str(s.competition_id)), s.status,
-                  _acc(s.accuracy, s.accuracy_std), hours, live, _when(s.created_at))
+                  acc_text(s.accuracy, s.accuracy_std), hours, live, _when(s.created_at))
     return t
 
 
@@ -446,8 +356,7 @@ def leaderboard(
     token: TokenOpt = None,
 ) -> None:
     """The competition's board (public by default); with your token your own team's configs show in --json."""
-    out, err = _consoles()
-    with _reported(err), _connect(ctx, server, token, need_token=False) as api:
+    with _connected(ctx, server, token, need_token=False) as (out, api):
         board = api.leaderboard(slug, "private" if private else "public")
     if json_out:
         _print_json(board.raw)
@@ -463,7 +372,7 @@ def _board_table(b: BoardView) -> RenderableType:
     private = b.board == "private"
     for e in b.entries:
         rank = "base" if e.baseline else "-" if e.rank is None else f"{e.rank}{'=' if e.tie else ''}"
-        acc = _acc(e.private_accuracy, e.private_accuracy_std) if private else _acc(e.accuracy, e.accuracy_std)
+        acc = acc_text(e.private_accuracy, e.private_accuracy_std) if private else acc_text(e.accuracy, e.accuracy_std)
         flags = " ".join(f for f, on in (("final", e.final), ("pareto", e.pareto)) if on)
         t.add_row(str(e.position), rank, e.team, acc, "-" if e.gpu_hours is None else f"{e.gpu_hours:.4f}",
                   str(e.submissions), _when(e.best_at), flags)
@@ -478,8 +387,7 @@ def cancel(
     token: TokenOpt = None,
 ) -> None:
     """Cancel a queued or running submission (a running one is charged the time it ran)."""
-    out, err = _consoles()
-    with _reported(err), _connect(ctx, server, token) as api:
+    with _connected(ctx, server, token) as (out, api):
         sub = api.cancel(submission_id)
     if json_out:
         _print_json(sub.raw)

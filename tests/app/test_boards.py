@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import pytest
 
-from app import db as app_db
 from app.db import utcnow
 from app.leaderboard.board import from_csv
 from tests.factories import join, land, make_competition, make_organizer
@@ -38,15 +37,6 @@ def _result(correct: list[bool], **fields) -> dict:
     public, private = public_private_indices(N)
     return {"correct": correct, "labels": LABELS, "accuracy": sum(correct[i] for i in public) / len(public),
             "private_accuracy": sum(correct[i] for i in private) / len(private), **fields}
-
-
-@pytest.fixture
-def clock():
-    """Move utcnow() by an offset (the whole app reads time through it); restored afterwards."""
-    def move(delta: timedelta) -> None:
-        app_db.CLOCK_OFFSET[0] = delta
-    yield move
-    app_db.CLOCK_OFFSET[0] = timedelta(0)
 
 
 def _contest(client, admin_headers, teams, **overrides):

@@ -5,23 +5,14 @@ from __future__ import annotations
 import itertools
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import select
 
-from app import db as app_db
 from app.db import session_scope, utcnow
 from app.submissions import runs as run_service
 from app.submissions.models import Run, RunStatus
 from tests.factories import join, make_competition, make_organizer
 
 _lr = itertools.count(1)
-
-
-@pytest.fixture
-def clock():
-    """Move app.db.utcnow by setting clock[0]; put back after the test."""
-    yield app_db.CLOCK_OFFSET
-    app_db.CLOCK_OFFSET[0] = timedelta(0)
 
 
 def _submit(client, comp, headers) -> int:
@@ -160,7 +151,7 @@ def test_locked_after_the_deadline(client, admin_headers, clock):
     sub = _land(client, comp, owls, 0.7)
     _put(client, comp, owls, [sub])
 
-    clock[0] = timedelta(hours=2)
+    clock(timedelta(hours=2))
     r = client.put(_url(comp), json={"submission_ids": []}, headers=owls)
     assert r.status_code == 409 and "final entries are locked since" in r.json()["detail"]
     got = _get(client, comp, owls)

@@ -12,18 +12,11 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from app import db as app_db
 from app.leaderboard import bands
 from tests.factories import finish_runs, join, land, make_competition, make_organizer
 
 SPACE = {"lr": {"min": 0.001, "max": 1.0}, "batch_size": {"choices": [32, 64, 100]},
          "weight_decay": {"min": 0.0, "max": 0.01}}
-
-
-@pytest.fixture
-def clock():
-    yield app_db.CLOCK_OFFSET
-    app_db.CLOCK_OFFSET[0] = timedelta(0)
 
 
 def _token(headers: dict[str, str]) -> str:
@@ -115,7 +108,7 @@ def test_organizers_see_insights_during_the_contest_and_everyone_after_the_close
         assert 'data-page="insights"' in r.text and _Page(r.text).has("canvas", id="chart-pareto")
     assert _get(client, "/competitions/no-such-comp/insights", org).status_code == 404
 
-    clock[0] = timedelta(hours=1, minutes=1)
+    clock(timedelta(hours=1, minutes=1))
     for who in (None, teams[0], other_org):
         r = _get(client, path, who)
         assert r.status_code == 200, r.text
@@ -183,7 +176,7 @@ def test_too_few_submissions_show_how_many_are_needed(client, admin_headers):
 @pytest.mark.parametrize("reveal", [False, True], ids=["hidden", "revealed"])
 def test_after_the_close_configs_show_only_when_revealed(client, admin_headers, clock, reveal):
     comp, org, teams, planted = _world(client, admin_headers, n=12, reveal_configs=reveal)
-    clock[0] = timedelta(hours=1, minutes=1)
+    clock(timedelta(hours=1, minutes=1))
     for who in (None, teams[0]):
         r = _get(client, f"/competitions/{comp['slug']}/insights", who)
         assert r.status_code == 200, r.text

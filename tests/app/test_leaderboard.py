@@ -13,22 +13,13 @@ from app.submissions import runs as run_service
 from app.submissions.models import Run, RunStatus
 from tests.factories import (
     CompetitionFactory,
-    MembershipFactory,
     SubmissionFactory,
-    TeamFactory,
-    UserFactory,
     bind,
     join,
     make_competition,
     make_organizer,
+    team_member,
 )
-
-
-def _team(comp, name):
-    team = TeamFactory(competition=comp, name=name)
-    user = UserFactory()
-    MembershipFactory(user_id=user.id, team_id=team.id, competition_id=comp.id)
-    return team, user
 
 
 def _sub(comp, team, user, acc, gpu, status="succeeded", minutes_ago=60):
@@ -39,10 +30,10 @@ def _sub(comp, team, user, acc, gpu, status="succeeded", minutes_ago=60):
 def test_best_per_team_ranked_with_tie_breaks(client, db):
     bind(db)
     comp = CompetitionFactory()
-    a, ua = _team(comp, "a")
-    b, ub = _team(comp, "b")
-    c, uc = _team(comp, "c")
-    d, ud = _team(comp, "d")
+    a, ua = team_member(comp, "a")
+    b, ub = team_member(comp, "b")
+    c, uc = team_member(comp, "c")
+    d, ud = team_member(comp, "d")
     _sub(comp, a, ua, 0.70, 100)
     best_a = _sub(comp, a, ua, 0.80, 300)
     _sub(comp, a, ua, None, 50, status="failed")

@@ -20,15 +20,13 @@ from tests.conftest import reset_caches
 from tests.e2e.services import free_port
 from tests.factories import (
     CompetitionFactory,
-    MembershipFactory,
     SubmissionFactory,
-    TeamFactory,
-    UserFactory,
     bind,
     join,
     make_competition,
     make_organizer,
     submit,
+    team_member,
 )
 from worker.processes import spawn, stop, wait_http
 
@@ -69,8 +67,7 @@ def test_metrics_report_queues_runs_histograms_heartbeats_and_latency(client, db
     # Rows as workers leave them, on class cpu, and one queued run on another class.
     bind(db)
     comp = CompetitionFactory()
-    team, user = TeamFactory(competition=comp, name="ravens"), UserFactory()
-    MembershipFactory(user_id=user.id, team_id=team.id, competition_id=comp.id)
+    team, user = team_member(comp, "ravens")
     now = utcnow()
     running = _planted_run(db, comp, team, user, RunStatus.running, started_at=now - timedelta(minutes=5),
                            heartbeat_at=now - timedelta(seconds=30))
@@ -145,7 +142,7 @@ def test_metrics_report_queues_runs_histograms_heartbeats_and_latency(client, db
 def test_a_broker_that_is_down_leaves_out_only_its_own_figures(client, db, monkeypatch):
     bind(db)
     comp = CompetitionFactory()
-    team, user = TeamFactory(competition=comp), UserFactory()
+    team, user = team_member(comp)
     _planted_run(db, comp, team, user, RunStatus.queued)
     monkeypatch.setenv("HPARENA_BROKER_URL", "redis://127.0.0.1:1/0")  # nothing listens there
     reset_caches()

@@ -10,7 +10,6 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app import db as app_db
 from app.db import session_scope, utcnow
 from app.submissions import runs as run_service
 from app.submissions.models import FailureKind, Run, RunStatus
@@ -35,14 +34,6 @@ from worker.engine.result import (
 PRIVATE = {"t1": (0.1234567, 0.0424242), "t2": (0.2345671, 0.0535353)}
 SHOWN = {"t1": ("12.35", "0.0424"), "t2": ("23.46", "0.0535")}
 LR = {"t1": 0.0123457, "t2": 0.0876543}  # each team's config, which the other must not see
-
-
-@pytest.fixture
-def clock():
-    def move(delta: timedelta) -> None:
-        app_db.CLOCK_OFFSET[0] = delta
-    yield move
-    app_db.CLOCK_OFFSET[0] = timedelta(0)
 
 
 def _token(headers: dict[str, str]) -> str:
@@ -319,7 +310,8 @@ def test_submission_errors_are_4xx(client, db, admin_headers, path):
 
 
 def test_assets_are_served_by_the_app_and_no_page_loads_anything_from_elsewhere(client, db, admin_headers):
-    for path in ("/static/vendor/chartjs/chart.umd.min.js", "/static/js/board.js", "/static/js/submission.js"):
+    for path in ("/static/vendor/chartjs/chart.umd.min.js", "/static/js/poll.js", "/static/js/board.js",
+                 "/static/js/submission.js"):
         r = client.get(path)
         assert r.status_code == 200 and "javascript" in r.headers["content-type"], path
     assert "text/css" in client.get("/static/css/hparena.css").headers["content-type"]

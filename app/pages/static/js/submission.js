@@ -6,8 +6,6 @@
   var live = document.getElementById("live");
   var initial = document.getElementById("live-data");
   if (!live || !initial || typeof Chart === "undefined") return;
-  var src = live.getAttribute("data-src");
-  var every = parseInt(live.getAttribute("data-poll-ms"), 10) || 2000;
   var COLORS = ["#0b63c5", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989", "#1b7c83", "#57606a"];
 
   function chart(id, label, field, percent) {
@@ -57,22 +55,18 @@
     });
   }
 
-  function poll() {
-    fetch(src, { credentials: "same-origin", headers: { Accept: "application/json" }, cache: "no-store" })
-      .then(function (r) {
-        if (!r.ok) throw new Error("HTTP " + r.status);
-        return r.json();
-      })
-      .then(function (data) {
-        live.innerHTML = data.html;
-        draw(data);
-        live.setAttribute("data-terminal", data.terminal ? "true" : "false");
-        if (!data.terminal) setTimeout(poll, every);
-      })
-      .catch(function () { setTimeout(poll, every * 2); });
-  }
-
   var first = JSON.parse(initial.textContent);
   draw(first);
-  if (!first.terminal) setTimeout(poll, every);
+  if (first.terminal) return;
+  window.hparena.poll({
+    url: live.getAttribute("data-src"),
+    intervalMs: parseInt(live.getAttribute("data-poll-ms"), 10),
+    backoff: 2,
+    onData: function (data) {
+      live.innerHTML = data.html;
+      draw(data);
+      live.setAttribute("data-terminal", data.terminal ? "true" : "false");
+    },
+    stopWhen: function (data) { return data.terminal; }
+  });
 })();
