@@ -38,8 +38,11 @@ from app.auth.models import User
 from app.competitions.models import Competition, Membership, Team
 from app.config import get_settings
 from app.db import session_scope, upsert_insert, utcnow
+from app.errors import Forbidden
+from app.hardware import hours_unit
 from app.leaderboard import bands
 from app.leaderboard.models import BoardCache, TeamBest
+from app.leaderboard.schemas import Board
 from app.leaderboard.service import best_per_team, final_entries
 from app.submissions.models import Run, RunLogits, RunStatus, Submission, TestLabels
 from worker.engine.split import public_private_indices
@@ -428,3 +431,22 @@ def from_csv(text: str) -> list[dict[str, Any]]:
                                    float if column.startswith("seed") else str)
         return value == "true" if t is bool else t(value)
     return [{c: cast(c, v) for c, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+
+
+def read(session: Session, comp: Competition, *, manager: bool, team_id: int | None, name: str,
+         view_name: str | None) -> Board:
+    """Board `name` of `comp` as a reader (a manager of it or not, a member of team `team_id` or none) may see
+    it: what GET /api/competitions/{slug}/leaderboard answers, and what the pages show."""
+    if name == "private" and not manager and phase(comp) != "closed":
+        deadline = comp.deadline.isoformat() if comp.deadline else "the deadline the organizer sets"
+        raise Forbidden(f"the private board is revealed at the close of the competition ({deadline})")
+    payload, stale = cached(session, comp)
+    seen = view(payload, comp, board=name, manager=manager, team_id=team_id)
+    view_name = view_name or comp.board_view
+    entries = seen["entries"]
+    if view_name == "efficiency":
+        entries = efficiency(entries, "accuracy" if name == "public" else "private_accuracy")
+    return Board(competition=comp.slug, title=comp.title, hardware_class=comp.hardware_class,
+                 cost_unit=hours_unit(session, comp.hardware_class), board=name, view=view_name,
+                 phase=seen["phase"], frozen=seen["frozen"], freeze_at=comp.freeze_at, deadline=comp.deadline,
+                 bands=seen["bands"], computed_at=seen["computed_at"], stale=stale, entries=entries)

@@ -32,6 +32,7 @@ lands a result or changes one) and memoised per process; `view` then cuts it dow
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from dataclasses import dataclass, field
@@ -81,7 +82,6 @@ class Entry:
     """One succeeded submission."""
 
     submission_id: int
-    team_id: int
     team: str
     accuracy: float  # public, mean over seeds
     gpu_hours: float | None
@@ -109,7 +109,6 @@ class Insights:
     pareto: list[dict[str, Any]]  # {x: hours, y: accuracy %, front, team?, submission_id?}
     params: list[dict[str, Any]] | None  # per param: {name, kind, log, labels?, points}; None: configs hidden
     importance: list[tuple[str, float]] | None
-    configs_shown: bool
     notes: list[str] = field(default_factory=list)
 
     def chart_data(self) -> dict[str, Any]:
@@ -163,7 +162,7 @@ def view(a: Analysis, comp: Competition, *, manager: bool, closed: bool, hours_u
     return Insights(slug=comp.slug, title=comp.title, phase=phase(comp), trials=len(a.entries),
                     min_trials=MIN_TRIALS, hours_unit=hours_unit, pareto=pareto, params=params,
                     importance=None if a.importance is None else list(a.importance.items()),
-                    configs_shown=configs_shown, notes=notes)
+                    notes=notes)
 
 
 def _param_chart(p: Param, entries: list[Entry], manager: bool) -> dict[str, Any]:
@@ -200,7 +199,8 @@ def analysis(session: Session, comp: Competition) -> Analysis:
     # The version is read before the data: a result committed in between bumps past it, so at worst a newer
     # analysis is kept under an older key and recomputed at the next request, never the reverse.
     version = session.scalar(select(BoardCache.version).where(BoardCache.competition_id == comp.id))
-    key = (str(session.get_bind().url), comp.created_at, version)
+    # The search space is in the key too: an organizer's PATCH of it changes the distributions at once.
+    key = (str(session.get_bind().url), comp.created_at, version, json.dumps(comp.search_space, sort_keys=True))
     with _MEMO_LOCK:
         memo = _MEMO.get(comp.id)
     if memo is not None and memo[0] == key:
@@ -214,7 +214,7 @@ def analysis(session: Session, comp: Competition) -> Analysis:
 def compute(session: Session, comp: Competition) -> Analysis:
     s = Submission
     rows = session.execute(
-        select(s.id, s.team_id, Team.name, s.accuracy, s.gpu_seconds, s.config)
+        select(s.id, Team.name, s.accuracy, s.gpu_seconds, s.config)
         .join(Team, Team.id == s.team_id)
         .where(s.competition_id == comp.id, s.status == RunStatus.succeeded, s.kind == SubmissionKind.train,
                s.is_baseline.is_(False), s.accuracy.is_not(None))
@@ -227,7 +227,7 @@ def compute(session: Session, comp: Competition) -> Analysis:
     hours = [None if r.gpu_seconds is None or not math.isfinite(r.gpu_seconds) else r.gpu_seconds / 3600
              for r in rows]
     front = bands.pareto_front([r.accuracy for r in rows], hours)
-    entries = [Entry(submission_id=r.id, team_id=r.team_id, team=r.name, accuracy=r.accuracy, gpu_hours=h,
+    entries = [Entry(submission_id=r.id, team=r.name, accuracy=r.accuracy, gpu_hours=h,
                      pareto=on, values=v) for r, h, on, v in zip(rows, hours, front, values, strict=True)]
     importance = None
     if len(entries) >= MIN_TRIALS:

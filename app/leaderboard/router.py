@@ -4,13 +4,10 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.orm import Session
 
 from app.auth.dependencies import OptionalUser, SessionDep
 from app.competitions.models import Competition
 from app.competitions.service import get_competition, is_manager
-from app.errors import Forbidden
-from app.hardware import hours_unit
 from app.http import error_responses
 from app.leaderboard import board as boards
 from app.leaderboard.schemas import Board
@@ -24,25 +21,6 @@ ViewName = Annotated[Literal["accuracy", "efficiency"] | None, Query(
     description="accuracy (band rank) or efficiency (the Pareto front); default: the competition's board_view.")]
 
 
-def read_board(session: Session, comp: Competition, *, manager: bool, team_id: int | None, name: str,
-               view: str | None) -> Board:
-    """Board `name` of `comp` as a reader (a manager of it or not, a member of team `team_id` or none) may see
-    it: what GET /api/competitions/{slug}/leaderboard answers, and what the pages show."""
-    if name == "private" and not manager and boards.phase(comp) != "closed":
-        deadline = comp.deadline.isoformat() if comp.deadline else "the deadline the organizer sets"
-        raise Forbidden(f"the private board is revealed at the close of the competition ({deadline})")
-    payload, stale = boards.cached(session, comp)
-    seen = boards.view(payload, comp, board=name, manager=manager, team_id=team_id)
-    view = view or comp.board_view
-    entries = seen["entries"]
-    if view == "efficiency":
-        entries = boards.efficiency(entries, "accuracy" if name == "public" else "private_accuracy")
-    return Board(competition=comp.slug, title=comp.title, hardware_class=comp.hardware_class,
-                 cost_unit=hours_unit(session, comp.hardware_class), board=name, view=view,
-                 phase=seen["phase"], frozen=seen["frozen"], freeze_at=comp.freeze_at, deadline=comp.deadline,
-                 bands=seen["bands"], computed_at=seen["computed_at"], stale=stale, entries=entries)
-
-
 class _Reader:
     def __init__(self, slug: str, session: SessionDep, user: OptionalUser) -> None:
         self.session, self.user = session, user
@@ -51,8 +29,8 @@ class _Reader:
         self.team_id = boards.viewer_team(session, self.comp, user)
 
     def board(self, name: str, view: str | None) -> Board:
-        return read_board(self.session, self.comp, manager=self.manager, team_id=self.team_id, name=name,
-                          view=view)
+        return boards.read(self.session, self.comp, manager=self.manager, team_id=self.team_id, name=name,
+                          view_name=view)
 
 
 Reader = Annotated[_Reader, Depends()]

@@ -2,7 +2,8 @@
 
 The cookie is HttpOnly (page scripts never see the token) and SameSite=Lax, and pages only read with it:
 every change still goes through the JSON API with an Authorization header, so the cookie cannot be used to
-act on someone's behalf from another site.
+act on someone's behalf from another site. Signing in and out are the only page forms, and they refuse a
+post from another site (app.pages.templating.cross_site).
 """
 
 from __future__ import annotations

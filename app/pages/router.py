@@ -13,10 +13,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from app.auth.dependencies import SessionDep
 from app.auth.service import user_for_token
-from app.config import get_settings
 from app.pages import service
 from app.pages.dependencies import COOKIE, COOKIE_MAX_AGE, MAX_TOKEN, PageUser, SignedIn
-from app.pages.templating import PageRoute, fragment, render
+from app.pages.templating import PageRoute, cross_site, error_page, fragment, render
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 
@@ -56,22 +55,27 @@ def login_page(request: Request, user: PageUser, next: Next = "/"):
 def login(request: Request, session: SessionDep, form: LoginForm):
     """A token pasted once: kept in an HttpOnly cookie, then back to the page that asked (a local path only)."""
     token, target = form.get("token", "").strip(), service.safe_next(form.get("next"))
+    if cross_site(request):
+        return error_page(request, 403, "Sign in from this site's own sign-in page.")
     user = user_for_token(session, token) if token and len(token) <= MAX_TOKEN else None
     if user is None:
         error = "That token is not valid: paste the whole token you were given (it starts with hpa_)." if token \
             else "Paste your token to sign in."
         return render(request, "login.html", status_code=401, next=target, error=error)
     response = RedirectResponse(target, status_code=303)
+    # Secure whenever the page came over HTTPS (behind a TLS proxy: uvicorn's --proxy-headers and
+    # FORWARDED_ALLOW_IPS make X-Forwarded-Proto count), so plain-HTTP classroom installs still sign in.
     response.set_cookie(COOKIE, token, max_age=COOKIE_MAX_AGE, path="/", httponly=True, samesite="lax",
-                        secure=get_settings().environment == "production")
+                        secure=request.url.scheme == "https")
     return response
 
 
 @router.post("/logout")
-def logout():
+def logout(request: Request):
+    if cross_site(request):
+        return error_page(request, 403, "Sign out from this site's own pages.")
     response = RedirectResponse("/", status_code=303)
-    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="lax",
-                           secure=get_settings().environment == "production")
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="lax", secure=request.url.scheme == "https")
     return response
 
 

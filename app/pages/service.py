@@ -1,5 +1,5 @@
 """What the core pages show, assembled from the JSON API's own services so that a page shows a viewer exactly
-what the API would show them: the board through app.leaderboard.router.read_board (the API's reader), a
+what the API would show them: the board through app.leaderboard.board.read (the API's reader), a
 submission through the API's visibility rule and assembly (app.submissions.service.get_visible_submission,
 app.submissions.views.detail), with its participant view of a run's stored result. No HTTP, no SQL of its own."""
 
@@ -17,7 +17,6 @@ from app.auth.models import User
 from app.competitions.models import Competition
 from app.competitions.service import get_competition, is_manager, list_competitions
 from app.leaderboard import board as boards
-from app.leaderboard.router import read_board
 from app.leaderboard.schemas import Board
 from app.submissions import service as submissions
 from app.submissions import views
@@ -67,7 +66,6 @@ def competitions(session: Session) -> list[CompetitionRow]:
 @dataclass(frozen=True)
 class BoardPage:
     board: Board  # exactly what GET /api/competitions/{slug}/leaderboard answers this viewer
-    private_columns: bool  # the private half's numbers are in it (the private board, or an organizer)
     other_board: str | None  # the other board this viewer may switch to, if any
 
 
@@ -79,11 +77,10 @@ def board_page(session: Session, slug: str, user: User | None, name: str | None,
     manager = is_manager(comp, user)
     closed = boards.phase(comp) == "closed"
     name = name or ("private" if closed else "public")
-    b = read_board(session, comp, manager=manager, team_id=boards.viewer_team(session, comp, user), name=name,
-                   view=view)
-    private_columns = b.board == "private" or any(e.private_accuracy is not None for e in b.entries)
+    b = boards.read(session, comp, manager=manager, team_id=boards.viewer_team(session, comp, user), name=name,
+                    view_name=view)
     other = "public" if name == "private" else "private"
-    return BoardPage(board=b, private_columns=private_columns,
+    return BoardPage(board=b,
                      other_board=other if manager or closed else None)
 
 
@@ -112,7 +109,6 @@ class SubmissionPage:
     detail: SubmissionDetail
     competition: Competition
     terminal: bool
-    failure: str | None
     runs: list[RunView] = field(default_factory=list)
 
 
@@ -121,7 +117,7 @@ def submission_page(session: Session, user: User, submission_id: int) -> Submiss
     detail = views.detail(session, sub)
     runs = [_run_view(r, d) for r, d in zip(sub.runs, detail.runs, strict=True)]
     return SubmissionPage(detail=detail, competition=session.get(Competition, sub.competition_id),
-                          terminal=sub.status in TERMINAL, failure=detail.failure_reason, runs=runs)
+                          terminal=sub.status in TERMINAL, runs=runs)
 
 
 def _run_view(run: Run, detail: RunDetail) -> RunView:
@@ -152,7 +148,7 @@ def live_json(page: SubmissionPage) -> dict[str, Any]:
     """What submission.js polls: status, failure, queue position and ETA, and each run's curve so far."""
     d = page.detail
     return json_safe({
-        "id": d.id, "status": d.status, "terminal": page.terminal, "failure": page.failure,
+        "id": d.id, "status": d.status, "terminal": page.terminal, "failure": d.failure_reason,
         "accuracy": d.accuracy, "accuracy_std": d.accuracy_std,
         "queue_position": d.queue_position, "eta_seconds": d.eta_seconds, "eta_at": _iso(d.eta_at),
         "eta_note": d.eta_note,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import Request
 from fastapi.exception_handlers import http_exception_handler
@@ -122,9 +122,15 @@ class PageRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if self.path.endswith(".json"):
-            return handler
+            async def data(request: Request) -> Response:
+                return _harden(await handler(request))
+
+            return data
 
         async def route(request: Request) -> Response:
+            return _harden(await _page(request))
+
+        async def _page(request: Request) -> Response:
             try:
                 return await handler(request)
             except Unauthorized:
@@ -140,6 +146,36 @@ class PageRoute(APIRoute):
                 return error_page(request, 404 if path else 422, _validation_detail(exc))
 
         return route
+
+
+# Every script, style and chart comes from this app (static/), so the browser may load nothing from
+# elsewhere, run no inline script, and show the page in no frame (no clickjacking of the sign-in form).
+# Signed-in pages and their polled JSON hold a team's own data: no cache keeps them.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "private, no-store",
+}
+
+
+def _harden(response: Response) -> Response:
+    for k, v in SECURITY_HEADERS.items():
+        response.headers.setdefault(k, v)
+    return response
+
+
+def cross_site(request: Request) -> bool:
+    """A form posted from another site: the browser says so (Sec-Fetch-Site), or its Origin is not this host.
+    Signing in or out is refused then, so another site can't sign a visitor into its own account or out."""
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:  # not a browser's cross-origin form (those send one): curl, a script
+        return False
+    return origin == "null" or urlsplit(origin).netloc != request.headers.get("host", "")
 
 
 def wants_html(request: Request) -> bool:

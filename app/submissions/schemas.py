@@ -163,7 +163,8 @@ class SubmissionDetail(SubmissionOut):
     runs: list[RunDetail]
     failure_reason: str | None = Field(None, description=(
         "Why it did not succeed, in plain words: whose fault (failure_kind), what happened (the failing run's "
-        "error) and what it cost the team. Null while it is queued or running, and once it succeeded."))
+        "error) and what it cost the team; for a cancelled one, who cancelled it. Null while it is queued or "
+        "running, and once it succeeded."))
 
 
 class BudgetOut(BaseModel):
