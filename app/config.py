@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     rate_limit_per_token: int = 30
     rate_limit_per_address: int = 120
 
-    # A bootstrap admin, so a fresh install can create organizers. Production refuses the default.
+    # A bootstrap admin, so a fresh install can create organizers. The API refuses the default in production
+    # (admin_secret); only the API needs it.
     admin_token: str = DEFAULT_ADMIN_TOKEN
 
     # Worker behaviour.
@@ -104,8 +105,6 @@ class Settings(BaseSettings):
         if self.dataset_path is None and SHARED_CIFAR10.exists():
             self.dataset_path = SHARED_CIFAR10
         if self.environment == "production":
-            if self.admin_token == DEFAULT_ADMIN_TOKEN or len(self.admin_token) < 24:
-                raise ValueError("HPARENA_ADMIN_TOKEN must be set to a long random secret in production")
             if self.database_url.startswith("sqlite"):
                 raise ValueError("production needs a server database (HPARENA_DATABASE_URL=postgresql+psycopg://...)")
         if self.visibility_timeout_seconds <= self.task_time_limit_seconds:
@@ -113,6 +112,13 @@ class Settings(BaseSettings):
                              f"({self.task_time_limit_seconds:g} s: HPARENA_TIME_LIMIT_MAX_SECONDS plus twice "
                              "the grace), or Redis hands a running run to a second worker")
         return self
+
+    def admin_secret(self) -> str:
+        """The bootstrap admin's token, for the API that keys the admin to it. Production refuses the default
+        or a short one here, not at load: workers and migrations never use it, so their nodes need not hold it."""
+        if self.environment == "production" and (self.admin_token == DEFAULT_ADMIN_TOKEN or len(self.admin_token) < 24):
+            raise ValueError("HPARENA_ADMIN_TOKEN must be set to a long random secret in production")
+        return self.admin_token
 
     @property
     def task_time_limit_seconds(self) -> float:

@@ -25,10 +25,11 @@ from app.submissions.router import router as submissions_router
 
 @asynccontextmanager
 async def lifespan(_app: FastAPI):
-    settings = get_settings()  # validated at start-up: production refuses default secrets
+    settings = get_settings()  # validated at start-up
+    secret = settings.admin_secret()  # production refuses the default admin token
     try:
         with session_scope() as s:
-            ensure_admin(s, settings.admin_token)
+            ensure_admin(s, secret)
     except IntegrityError:  # another API process (uvicorn --workers N) bootstrapped it at the same moment
         pass
     yield

@@ -165,8 +165,14 @@ def api(host: str = "127.0.0.1", port: int = 8000,
         workers: int = typer.Option(1, min=1, help="API processes (uvicorn workers) sharing the port.")) -> None:
     """Run the REST API (uvicorn)."""
     from app import migrate as m
+    from app.config import get_settings
     from app.serve import serve
 
+    try:
+        get_settings().admin_secret()
+    except ValueError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
     m.upgrade()
     serve(host, port, workers)
 

@@ -78,7 +78,7 @@ def test_login_keeps_the_token_in_an_httponly_cookie_and_goes_back(client, db, a
     cookie = r.headers["set-cookie"]
     assert cookie.startswith("hparena_token=test-admin-token;")
     assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Path=/" in cookie
-    assert "Secure" not in cookie  # development serves plain http; production sets Secure
+    assert "Secure" not in cookie  # plain http here; over https it is Secure (test_over_https_the_cookie_is_secure)
 
     index = client.get("/")  # the client's jar now holds the cookie
     assert 'id="whoami"' in index.text and "bootstrap-admin" in index.text
