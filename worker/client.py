@@ -8,6 +8,7 @@ each view keeps the API's JSON (`.raw`) for `--json`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import typer
@@ -155,10 +156,28 @@ class Login:
 
 
 def normalize_url(url: str) -> str:
+    """Without a scheme, http:// (a lab server on a bare host:port); `cleartext_warning` says what that costs."""
     url = url.strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
     return url
+
+
+def cleartext_warning(url: str) -> str | None:
+    """One line to print before a token goes to `url` over plain http to another machine: anyone on the way
+    can read it and submit as you. None for https, and for this machine (localhost, 127.0.0.0/8, ::1)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return None
+    host = (parts.hostname or "").rstrip(".")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost" or host.endswith(".localhost")
+    if loopback:
+        return None
+    return (f"warning: {url} is plain http: your token crosses the network unencrypted "
+            f"(use https://{parts.netloc} if the server has it)")
 
 
 def config_file() -> Path:

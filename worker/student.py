@@ -32,6 +32,7 @@ from worker.client import (
     Login,
     NotLoggedIn,
     SubmissionView,
+    cleartext_warning,
     load_login,
     normalize_url,
     outside_message,
@@ -65,8 +66,13 @@ class Invalid(Exception):
 
 
 def _consoles() -> tuple[Console, Console]:
-    # Made per command, so a test's COLUMNS (and a redirected stdout) apply.
-    return Console(highlight=False), Console(stderr=True, highlight=False)
+    """stdout's and stderr's consoles, made per command so a test's COLUMNS (and a redirected stdout) apply.
+
+    Markup and emoji codes are off for every string they render, table cells and titles included: nearly every
+    string here is the server's (team names, titles, errors, configs), and a team named '[/x]' must print as
+    typed, not end the command with a MarkupError (or '[link=...]' turn into a link, ':x:' into an emoji)."""
+    return (Console(highlight=False, markup=False, emoji=False),
+            Console(stderr=True, highlight=False, markup=False, emoji=False))
 
 
 @contextmanager
@@ -109,7 +115,14 @@ def _connect(ctx: typer.Context, server: str | None, token: str | None, *, need_
         token = stored.token
     if need_token and not token:
         raise NotLoggedIn(f"not logged in: {LOGIN_HINT}")
+    if token:
+        _warn_cleartext(url)
     return ArenaClient(url, token, http=_http(ctx))
+
+
+def _warn_cleartext(url: str) -> None:
+    if warning := cleartext_warning(url):
+        _consoles()[1].print(warning, soft_wrap=True)
 
 
 def _print_json(data: Any) -> None:
@@ -140,6 +153,7 @@ def login(
     if token == "-":
         token = sys.stdin.readline().strip()
     with _reported(err), ArenaClient(url, token, http=_http(ctx)) as api:
+        _warn_cleartext(api.url)
         try:
             me = api.me()
         except NotLoggedIn:

@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.spinner import Spinner
 from rich.table import Table
+from rich.text import Text
 
 from worker.client import ArenaClient, SubmissionView, Unreachable, duration
 
@@ -89,7 +90,7 @@ def _render(sub: SubmissionView) -> RenderableType:
         bars.add_row(f"seed {run.seed}", ProgressBar(total=total, completed=max(done, run.progress * total),
                                                      width=30),
                      f"{done}/{total} epochs", f"acc {acc_text(latest)}", run.status)
-    return Group(Spinner("dots", text=head), bars)
+    return Group(Spinner("dots", text=Text(head)), bars)  # a str would be read as markup; eta_note is the server's
 
 
 def watch_submission(api: ArenaClient, sub: SubmissionView, out: Console | None,

@@ -5,6 +5,9 @@
 # limit. Where it comes from: HPARENA_DATASET_PATH (a tarball, an image folder or a torchvision root, e.g. an
 # offline copy mounted read-only), else a torchvision download into the volume unless
 # HPARENA_ALLOW_DOWNLOAD=false. PREPARE_DATA=0 skips this (competitions that all name their own data.path).
+# With PROMETHEUS_MULTIPROC_DIR set (the API's processes sharing their metrics, README "Metrics") it empties
+# that directory of the previous start's files: a tmpfs is empty anyway, but a Kubernetes emptyDir outlives a
+# container restart, and the figures of processes that are gone would be summed with the new ones.
 # Then it execs the command, which keeps tini's SIGTERM going to the command itself (a warm shutdown).
 set -eu
 
@@ -17,6 +20,13 @@ if [ "${1:-}" = "hparena" ] && [ "${2:-}" = "worker" ] && [ "${PREPARE_DATA:-1}"
              "allow the download, or PREPARE_DATA=0 if every competition names its own data.path" >&2
         exit 1
     fi
+fi
+
+if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+    # Only prometheus-client's own files ({counter,gauge_*,histogram,...}_PID.db): a mistyped directory
+    # loses nothing else.
+    find "$PROMETHEUS_MULTIPROC_DIR" -maxdepth 1 -type f -name '*_[0-9]*.db' -delete
 fi
 
 exec "$@"

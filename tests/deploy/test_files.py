@@ -60,6 +60,10 @@ def _k8s_containers() -> list[tuple[dict, dict]]:
     return out
 
 
+def _is_hparena(image: str) -> bool:
+    return image.rsplit("/", 1)[-1].startswith("hparena:")
+
+
 def _k8s_env(container: dict) -> dict[str, str]:
     env = {}
     for ref in container.get("envFrom", []):
@@ -124,15 +128,23 @@ def test_every_hparena_variable_set_is_a_settings_field():
     assert used and used <= fields, f"not Settings fields: {sorted(used - fields)}"
 
 
-def test_each_service_settings_validate_in_production(monkeypatch):
+def test_each_service_settings_validate_in_production_and_only_the_api_holds_the_admin_token(monkeypatch):
+    def check(name: str, env: dict[str, str], command: list[str]) -> None:
+        s = _settings(env, monkeypatch)
+        assert s.environment == "production", name
+        assert s.database_url.startswith(("postgresql", "secret-value")), name  # k8s: from a Secret
+        if command[:2] == ["hparena", "api"]:
+            assert s.admin_secret(), name  # the API starts: a real secret is required and set
+        else:
+            assert "HPARENA_ADMIN_TOKEN" not in env, f"{name} holds the admin token but never uses it"
+
     for name, service in _compose()["services"].items():
         env = _service_env(service)
         if any(k.startswith("HPARENA_") for k in env):
-            s = _settings(env, monkeypatch)
-            assert s.environment == "production" and s.database_url.startswith("postgresql"), name
+            check(name, env, service["command"])
     for _, c in _k8s_containers():
-        if c["image"].startswith("hparena"):
-            assert _settings(_k8s_env(c), monkeypatch).environment == "production"
+        if "hparena" in c["image"].split("/")[-1]:
+            check(c["name"], _k8s_env(c), c.get("args") or c.get("command"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,6 +211,57 @@ def test_compose_has_health_checks_named_volumes_flower_and_a_redis_that_keeps_i
     assert "--scale" not in (ROOT / "docker-compose.yml").read_text().replace("never with `--scale`", "")
 
 
+def test_compose_builds_the_image_once_and_every_hparena_service_runs_that_tag():
+    services = _compose()["services"]
+    built = {name: s for name, s in services.items() if "build" in s}
+    assert list(built) == ["migrate"], f"each service with build: makes an image of its own: {sorted(built)}"
+    assert built["migrate"]["build"]["dockerfile"] == "Dockerfile.gpu"
+    tag = _interpolate(built["migrate"]["image"])
+    assert tag == "hparena:abc"  # named by the commit the results record
+    hparena = {name for name, s in services.items() if s.get("command", [""])[0] == "hparena"}
+    assert {"migrate", "api", *_workers(_compose())} <= hparena
+    assert {_interpolate(services[name]["image"]) for name in hparena} == {tag}
+
+
+def test_the_api_processes_share_their_metrics_in_a_directory_that_starts_empty():
+    """`hparena api --workers 2`: without PROMETHEUS_MULTIPROC_DIR each scrape sees one process's latency."""
+    api = _compose()["services"]["api"]
+    assert api["command"][:2] == ["hparena", "api"] and "--workers" in api["command"]
+    path = _service_env(api)["PROMETHEUS_MULTIPROC_DIR"]
+    assert path in api["tmpfs"], "a tmpfs: empty at each container start"
+    (pod, c), = [(p, c) for p, c in _k8s_containers() if c["args"][:2] == ["hparena", "api"]]
+    assert "--workers" in c["args"]
+    path = _k8s_env(c)["PROMETHEUS_MULTIPROC_DIR"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == path]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
+    # An emptyDir outlives a container restart: the entrypoint empties it of the last start's files.
+    assert "PROMETHEUS_MULTIPROC_DIR" in (ROOT / "deploy/docker/entrypoint.sh").read_text()
+
+
+def test_the_entrypoint_empties_the_metrics_directory_of_old_processes_files_only(tmp_path):
+    import os
+
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    for name in ["histogram_7.db", "gauge_livesum_12.db", "keep.txt", "notes.db"]:
+        (metrics / name).write_text("x")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    done = subprocess.run([str(ROOT / "deploy/docker/entrypoint.sh"), "true"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in metrics.iterdir()) == ["keep.txt", "notes.db"]
+
+
+def test_the_env_example_leaves_every_secret_empty_so_compose_refuses_to_start_without_it():
+    example = dict(line.split("=", 1) for line in (ROOT / "deploy/compose.env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    required = set(re.findall(r"\$\{(\w+):\?", (ROOT / "docker-compose.yml").read_text()))
+    assert required - {"HPARENA_HARDWARE_CLASS"} <= set(example)
+    # `${X:?}` refuses an empty value only: 'admin:' would start Flower with an empty password.
+    assert {k: v for k, v in example.items() if k in required - {"HPARENA_HARDWARE_CLASS"} and v} == {}
+
+
 def test_the_committed_compose_file_is_the_generators_output_for_its_default():
     out = subprocess.run([sys.executable, str(ROOT / "scripts/compose-gpus")], capture_output=True, text=True,
                          check=True).stdout
@@ -254,6 +317,16 @@ def test_kubernetes_worker_per_class_one_gpu_node_selector_and_keda_on_its_queue
         assert trigger["metadata"]["address"].startswith("redis.")
     assert {"h100-80gb", "a100-40gb"} <= classes
     assert len(scaled) == len(deployments)
+
+
+def test_kubernetes_images_name_a_registry_and_a_commit_and_are_not_always_pulled():
+    """A bare `hparena:latest` is pulled (Always, for :latest) from docker.io/library/hparena: ErrImagePull."""
+    images = [c for _, c in _k8s_containers() if _is_hparena(c["image"])]
+    assert len(images) >= 4  # migrate, api, a worker per class
+    for c in images:
+        registry, tag = c["image"].split("/")[0], c["image"].rsplit(":", 1)[1]
+        assert "." in registry and tag != "latest", c["image"]
+        assert c["imagePullPolicy"] == "IfNotPresent", c["name"]
 
 
 def test_kubernetes_migrates_as_the_owner_and_serves_as_separate_roles():

@@ -10,11 +10,14 @@ import json
 import stat
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from tests.e2e.services import free_port
 from tests.factories import finish_runs, join, make_competition, make_organizer
+from worker import watch
 from worker.cli import cli
+from worker.client import SubmissionView, cleartext_warning
 
 runner = CliRunner()
 URL = "http://testserver"  # the TestClient's host
@@ -174,3 +177,61 @@ def test_not_logged_in_and_a_revoked_token_point_at_login(client, arena, home):
     r = hp(client, "status")
     assert r.exit_code == 1 and "not logged in: run hparena login URL TOKEN" in r.stderr
     assert "refused the token" in r.stderr and isinstance(r.exception, SystemExit)
+
+
+EVIL_TEAM = "[/x] [link=https://evil.example]click[/link]"
+
+
+def test_server_strings_print_as_text_not_rich_markup(client, admin_headers, home):
+    """A team name or a title is the server's data: brackets in it are shown as typed, never read as markup
+    (an unbalanced '[/x]' would otherwise end the command with a MarkupError)."""
+    org = make_organizer(client, admin_headers)
+    comp = make_competition(client, org, title="[bold]Arena[/] [/x]")
+    token = join(client, comp["slug"], "mallory", team=EVIL_TEAM)["Authorization"].removeprefix("Bearer ")
+    assert hp(client, "login", URL, token).exit_code == 0
+    r = hp(client, "submit", write(home, "m.yaml", "lr: 0.05\nbatch_size: 32\n"), "-c", comp["slug"], "--json")
+    assert r.exit_code == 0, r.output
+    sub = json.loads(r.stdout)
+    finish_runs(sub["id"], [{"accuracy": 0.5, "private_accuracy": 0.5, "gpu_seconds": 60.0}])
+
+    r = hp(client, "leaderboard", comp["slug"])
+    assert r.exit_code == 0, r.output
+    assert EVIL_TEAM in r.stdout and "[bold]Arena[/] [/x]: public board" in r.stdout
+    r = hp(client, "status")
+    assert r.exit_code == 0, r.output
+    r = hp(client, "status", str(sub["id"]))
+    assert r.exit_code == 0, r.output
+
+    # --watch's live display: the server's eta_note in the spinner's line
+    view = SubmissionView.of({**sub, "status": "running", "eta_seconds": None, "eta_note": "[/x] no worker; …"})
+    console = Console(record=True, width=200, markup=False)
+    console.print(watch._render(view))
+    assert "ETA unknown ([/x] no worker)" in console.export_text()
+
+
+def test_a_token_sent_over_plain_http_to_another_machine_is_warned_about(client, arena, home):
+    comp, student = arena
+    token = student["Authorization"].removeprefix("Bearer ")
+    warning = "warning: http://testserver is plain http: your token crosses the network unencrypted"
+    r = hp(client, "login", "testserver", token)  # no scheme: http:// is assumed, and said to be cleartext
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count(warning) == 1 and len(r.stderr.splitlines()) == 1
+    r = hp(client, "status")  # the stored http URL, each time it is used with the token
+    assert r.exit_code == 0 and warning in r.stderr
+    r = hp(client, "leaderboard", comp["slug"], "--server", "http://other")  # no token goes: nothing to warn
+    assert r.exit_code == 0 and r.stderr == ""
+
+    r = hp(client, "login", "localhost:8000", token)  # this machine: nothing crosses a network
+    assert r.exit_code == 0 and r.stderr == ""
+    assert hp(client, "status").stderr == ""
+
+
+@pytest.mark.parametrize("url", ["https://arena.example.edu", "http://localhost:8000", "http://127.0.0.1",
+                                 "http://127.8.0.1:80", "http://[::1]:8000", "http://api.localhost"])
+def test_https_and_this_machine_need_no_cleartext_warning(url):
+    assert cleartext_warning(url) is None
+
+
+@pytest.mark.parametrize("url", ["http://arena.example.edu", "http://10.0.0.5:8000", "http://[2001:db8::1]"])
+def test_plain_http_to_another_machine_is_warned_about(url):
+    assert cleartext_warning(url).startswith(f"warning: {url} is plain http")
