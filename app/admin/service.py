@@ -16,6 +16,7 @@ from app.config import get_settings
 from app.db import utcnow
 from app.queue import queue_depth
 from app.submissions.models import Run, RunStatus
+from app.submissions.runs import stale_heartbeat
 
 ONLINE_WITHIN = timedelta(seconds=60)
 
@@ -39,10 +40,9 @@ def remove_node(session: Session, hostname: str) -> None:
         session.delete(node)
 
 
-def fleet(session: Session, stale_after: float | None = None) -> dict:
-    """Workers, queues and stale runs (app.admin.schemas.FleetOut). A running run is stale when its
-    heartbeat is older than `stale_after` seconds (default: the settings' stale_after_seconds, the age at
-    which the workers' sweeper requeues it, app.submissions.runs.requeue_stale)."""
+def fleet(session: Session) -> dict:
+    """Workers, queues and stale runs (app.admin.schemas.FleetOut). A running run is stale by the sweeper's
+    own rule (app.submissions.runs.stale_heartbeat, past the settings' stale_after_seconds)."""
     now = utcnow()
     nodes = []
     for n, submission_id in session.execute(
@@ -66,8 +66,7 @@ def fleet(session: Session, stale_after: float | None = None) -> dict:
         "workers": nodes,
         "queues": [{"queue": q, "queued_runs": queued.get(q, 0), "running_runs": running.get(q, 0),
                     "broker_messages": queue_depth(q), **_oldest_waiting(session, q, now)} for q in queues],
-        "stale_runs": _stale_runs(session, now, get_settings().stale_after_seconds if stale_after is None
-                                  else stale_after),
+        "stale_runs": _stale_runs(session, now),
     }
 
 
@@ -80,12 +79,12 @@ def _oldest_waiting(session: Session, queue: str, now: datetime) -> dict:
             "oldest_queued_age_seconds": max(0.0, (now - row.created_at).total_seconds()) if row else None}
 
 
-def _stale_runs(session: Session, now: datetime, stale_after: float) -> list[dict]:
-    cutoff = now - timedelta(seconds=stale_after)
+def _stale_runs(session: Session, now: datetime) -> list[dict]:
+    cutoff = now - timedelta(seconds=get_settings().stale_after_seconds)
     rows = session.execute(
         select(Run.id, Run.submission_id, Run.queue, Run.worker_hostname, Run.attempts, Run.started_at,
                Run.heartbeat_at)
-        .where(Run.status == RunStatus.running, Run.heartbeat_at < cutoff).order_by(Run.heartbeat_at, Run.id))
+        .where(stale_heartbeat(cutoff)).order_by(Run.heartbeat_at, Run.id))
     return [{"run_id": r.id, "submission_id": r.submission_id, "queue": r.queue, "worker_hostname": r.worker_hostname,
              "attempts": r.attempts, "started_at": r.started_at, "heartbeat_at": r.heartbeat_at,
              "heartbeat_age_seconds": (now - r.heartbeat_at).total_seconds()} for r in rows]

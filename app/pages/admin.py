@@ -21,8 +21,6 @@ from app.pages.templating import PageRoute, fragment, render
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 
-POLL_MS = 2000
-
 
 def page_admin(user: SignedIn) -> User:
     if user.role != Role.admin:
@@ -49,7 +47,7 @@ def _tables(f: FleetOut) -> str:
 @router.get("/admin", response_class=HTMLResponse)
 def admin_page(request: Request, session: SessionDep, user: PageAdmin):
     f = FleetOut.model_validate(fleet(session))
-    return render(request, "admin.html", tables=_tables(f), poll_ms=POLL_MS)
+    return render(request, "admin.html", tables=_tables(f))
 
 
 @router.get("/admin/live.json")

@@ -19,7 +19,6 @@ from app.pages.templating import PageRoute, cross_site, error_page, fragment, re
 
 router = APIRouter(include_in_schema=False, route_class=PageRoute)
 
-POLL_MS = 2000  # how often a live page asks for news
 SubmissionId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 BoardName = Annotated[Literal["public", "private"] | None, Query(
     description="Default: the public board during the contest, the private board after the close.")]
@@ -93,7 +92,7 @@ def index(request: Request, session: SessionDep, user: PageUser):
 def board_page(request: Request, slug: str, session: SessionDep, user: PageUser, board: BoardName = None,
                view: ViewName = None):
     page = service.board_page(session, slug, user, board, view)
-    return render(request, "board.html", page=page, b=page.board, poll_ms=POLL_MS)
+    return render(request, "board.html", page=page, b=page.board)
 
 
 @router.get("/competitions/{slug}/board.json")
@@ -113,8 +112,7 @@ def board_json(slug: str, session: SessionDep, user: PageUser, board: BoardName 
 @router.get("/submissions/{submission_id}", response_class=HTMLResponse)
 def submission_page(request: Request, submission_id: SubmissionId, session: SessionDep, user: SignedIn):
     page = service.submission_page(session, user, submission_id)
-    return render(request, "submission.html", page=page, d=page.detail, live=service.live_json(page),
-                  poll_ms=POLL_MS)
+    return render(request, "submission.html", page=page, d=page.detail, live=service.live_json(page))
 
 
 @router.get("/submissions/{submission_id}/live.json")

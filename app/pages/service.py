@@ -121,17 +121,14 @@ def submission_page(session: Session, user: User, submission_id: int) -> Submiss
 
 
 def _run_view(run: Run, detail: RunDetail) -> RunView:
-    record = _record(run.result)
-    device = run.device_name
-    if record is not None:
-        device = f"{record.device.name} ({record.device.type})"
-    timings = None
-    if record is not None:
-        t = record.timings
-        timings = {"setup": t.setup_seconds, "train": t.train_seconds, "eval": t.eval_seconds}
     label = f"seed {run.seed}" + (f" (rescore {run.round})" if run.round else "")
-    return RunView(detail=detail, label=label, device=device,
-                   precision=record.precision if record is not None else None, timings=timings)
+    record = _record(run.result)
+    if record is None:  # not over yet: the device the worker reported, nothing measured
+        return RunView(detail=detail, label=label, device=run.device_name, precision=None, timings=None)
+    t = record.timings
+    return RunView(detail=detail, label=label, device=f"{record.device.name} ({record.device.type})",
+                   precision=record.precision,
+                   timings={"setup": t.setup_seconds, "train": t.train_seconds, "eval": t.eval_seconds})
 
 
 def _record(result: dict[str, Any] | None) -> TrainResult | None:

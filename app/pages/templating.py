@@ -74,6 +74,8 @@ def iso(x: datetime | str | None) -> str:
 
 
 templates.env.filters.update(percent=percent, number=number, seconds=seconds, when=when, iso=iso)
+# How often a live page (board, submission, admin) polls its JSON for news: every template's `poll_ms`.
+templates.env.globals["poll_ms"] = 2000
 
 
 # ----------------------------------------------------------------------------------------------------

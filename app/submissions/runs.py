@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +346,12 @@ def _wake_capped_team(session: Session, run: Run) -> None:
         wake_after_commit(session, run.queue, next_id)
 
 
+def stale_heartbeat(cutoff: datetime) -> ColumnElement[bool]:
+    """A running run whose worker vanished: its last heartbeat is older than `cutoff` (now - stale_after).
+    The sweep requeues these; the admin fleet lists them."""
+    return (Run.status == RunStatus.running) & (Run.heartbeat_at < cutoff)
+
+
 def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) -> list[tuple[int, str]]:
     """Runs whose worker vanished (no heartbeat for `stale_after`) go back to queued, or fail for good.
 
@@ -357,7 +363,7 @@ def requeue_stale(session: Session, *, stale_after: float, max_attempts: int) ->
     stale = utcnow() - timedelta(seconds=stale_after)
     candidates = session.execute(
         select(Run.id, Run.submission_id, Run.queue, Run.attempts, Run.worker_hostname)
-        .where(Run.status == RunStatus.running, Run.heartbeat_at < stale)
+        .where(stale_heartbeat(stale))
     ).all()
     requeued = []
     for run_id, submission_id, queue, attempts, host in candidates:
