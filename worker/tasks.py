@@ -29,6 +29,7 @@ from typing import Any
 from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
 from billiard.pool import SIG_SOFT_TIMEOUT
 from celery.exceptions import Reject
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 from sqlalchemy.exc import OperationalError
 
@@ -226,8 +227,32 @@ def lost_child_reason(pool_message: str, hostname: str) -> str:
     return f"the training process on {hostname} was {why}: signal {m.group(1)} ({name})"
 
 
+def shutting_down() -> bool:
+    """In the worker's parent: a SIGTERM (warm) or SIGQUIT (cold) shutdown has begun. Celery's signal handler
+    only sets these flags; its consumer notices them at the next turn of its loop, and on the embedded
+    broker that turn can take seconds, during which a message is still delivered."""
+    # Each flag holds the exit code once set, and 0 (EX_OK) counts: compare by identity, as Celery does.
+    return any(flag is not None and flag is not False
+               for flag in (worker_state.should_stop, worker_state.should_terminate))
+
+
 class TrainRequest(Request):
     """Runs in the worker's parent process, which outlives a child that crashes in native code."""
+
+    def revoked(self):
+        """Called by the parent just before it hands a message to the pool. A token that arrives once a
+        shutdown has begun goes back to the queue instead, for another worker: draining a node must not
+        start a run that its termination grace period may cut short. (Without this, the run that finished
+        during the shutdown freed the prefetch slot, and the loop's last poll trained the next run.)"""
+        if super().revoked():
+            return True
+        if not shutting_down():
+            return False
+        log.info("token %s arrived during the worker's shutdown: back to the queue", self.id)
+        worker_state.task_ready(self)
+        self.reject(requeue=True)
+        self._already_revoked = True  # so that Celery skips it: execute_using_pool raises TaskRevokedError
+        return True
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = getattr(exc_info, "exception", None)
