@@ -141,6 +141,7 @@ def test_every_datetime_in_a_response_carries_its_offset(client, admin_headers):
     assert bodies[0]["deadline"].startswith("2099-01-01T10:00:00")  # stored and shown in UTC
 
 
+@pytest.mark.slow  # a uvicorn process
 def test_a_non_finite_body_leaves_the_connection_usable(tmp_path):
     """Against a real uvicorn: the 422 for a raw NaN is encoded, and the same keep-alive connection
     serves the next request (before, the 500 reset it)."""

@@ -31,6 +31,18 @@ from tests.factories import (
 from worker.processes import spawn, stop, wait_http
 
 
+@pytest.fixture
+def client(db):
+    """A client on an app of its own: the latency histograms are the app's, and these tests count them from
+    zero (the shared fixture reuses one app across tests)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as c:
+        yield c
+
+
 def scrape(text: str) -> dict[tuple[str, frozenset], float]:
     """{(sample name, its labels): value} of a scrape."""
     return {(s.name, frozenset(s.labels.items())): s.value

@@ -109,6 +109,7 @@ def make_tar(src: Path, out: Path, prefix: str = "") -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # reads the whole real archive
 @needs_real
 def test_small_real_tarball_loads_and_second_load_hits_cache(small_real_tar, tmp_path):
     spec = DataSpec(name="cifar10", path=str(small_real_tar), train_subset=100, test_subset=30)

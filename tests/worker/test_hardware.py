@@ -85,6 +85,7 @@ def probes():
         return dict(zip(envs, pool.map(lambda env: run_probe(120, env), envs.values()), strict=True))
 
 
+@pytest.mark.slow  # three probe processes, each importing torch
 def test_the_probe_describes_this_machine_from_a_process_of_its_own(probes, classes):
     import torch
 
@@ -103,6 +104,7 @@ def test_the_probe_describes_this_machine_from_a_process_of_its_own(probes, clas
     assert check_probe(classes["cpu-avx512"], "cpu-avx512", avx2).endswith("ATen's AVX2 CPU kernels, not AVX512")
 
 
+@pytest.mark.slow  # the probe processes
 def test_a_probe_that_finds_no_device_refuses_with_the_reason(probes, classes):
     if probes["cuda"].device is not None:
         pytest.skip("this machine has CUDA")
@@ -122,6 +124,7 @@ def _share_in_child(setting: int, cores: set[int] | None) -> int:
     return int(out.stdout)
 
 
+@pytest.mark.slow  # three Python processes
 def test_a_worker_takes_the_cores_it_is_given():
     mine = os.sched_getaffinity(0)
     assert _share_in_child(0, {min(mine)}) == 1  # pinned to one core: one thread, whatever the node has
