@@ -231,15 +231,7 @@ def _rows(session: Session, comp: Competition, ids) -> list[dict[str, Any]]:
         .join(Team, Team.id == s.team_id).where(s.id.in_(ids), s.status == RunStatus.succeeded)).all()
     if not subs:
         return []
-    runs: dict[int, list[Any]] = {}
-    for r in session.execute(
-            select(Run.submission_id, Run.seed, Run.accuracy, Run.private_accuracy, RunLogits.correct, RunLogits.rows)
-            .join(Submission, Submission.id == Run.submission_id)
-            .outerjoin(RunLogits, RunLogits.run_id == Run.id)
-            .where(Run.submission_id.in_([x.id for x in subs]), Run.round == Submission.round,
-                   Run.status == RunStatus.succeeded)
-            .order_by(Run.submission_id, Run.seed)):
-        runs.setdefault(r.submission_id, []).append(r)
+    runs = _scoring_runs(session, [x.id for x in subs])
     out = []
     for x in subs:
         mine = runs.get(x.id, [])
@@ -255,9 +247,38 @@ def _rows(session: Session, comp: Competition, ids) -> list[dict[str, Any]]:
             "gpu_hours": None if x.gpu_seconds is None else x.gpu_seconds / 3600,
             "best_at": x.created_at.isoformat(), "finished_at": x.finished_at.isoformat() if x.finished_at else "",
             "device_mismatch": x.device_mismatch, "config": x.config,
-            "_correct": [(r.correct, r.rows) for r in mine] if mine and all(r.correct for r in mine) else None,
+            "_correct": _per_image(mine),
         })
     return out
+
+
+def _scoring_runs(session: Session, submission_ids: list[int]) -> dict[int, list[Any]]:
+    """Each submission's succeeded runs of its scoring round, in seed order, with their per-seed scores and
+    per-image correctness (RunLogits.correct and .rows, None for a run stored without them)."""
+    runs: dict[int, list[Any]] = {}
+    for r in session.execute(
+            select(Run.submission_id, Run.seed, Run.accuracy, Run.private_accuracy, RunLogits.correct, RunLogits.rows)
+            .join(Submission, Submission.id == Run.submission_id)
+            .outerjoin(RunLogits, RunLogits.run_id == Run.id)
+            .where(Run.submission_id.in_(submission_ids), Run.round == Submission.round,
+                   Run.status == RunStatus.succeeded)
+            .order_by(Run.submission_id, Run.seed)):
+        runs.setdefault(r.submission_id, []).append(r)
+    return runs
+
+
+def _per_image(runs: list[Any]) -> list[tuple[bytes, int]] | None:
+    """A submission's runs as (packed correctness, test rows) pairs for _matrix; None unless every run has them."""
+    return [(r.correct, r.rows) for r in runs] if runs and all(r.correct for r in runs) else None
+
+
+def public_correct(session: Session, comp: Competition, submission_ids: list[int]) -> list[np.ndarray | None]:
+    """Per submission (in the given order), the (seeds x public images) correctness matrix the public board's
+    rank bands are computed from, or None where a run has no per-image data (stored before migration 0008).
+    The public half only: nothing of the private half's images comes out."""
+    labels_rows = session.scalar(select(TestLabels.rows).where(TestLabels.competition_id == comp.id))
+    runs = _scoring_runs(session, submission_ids)
+    return [_matrix(_per_image(runs.get(i, [])), "public", labels_rows) for i in submission_ids]
 
 
 _SCORES = ("accuracy", "accuracy_std", "ece", "private_accuracy", "private_accuracy_std", "private_ece", "gpu_seconds")

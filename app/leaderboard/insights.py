@@ -26,6 +26,22 @@ PED-ANOVA has no randomness (kernel density estimates on the given trials), so t
 without a seed. Below MIN_TRIALS (10) succeeded submissions neither evaluator found lr reliably (about 3
 studies in 4 at 10 trials), so no importance is shown.
 
+No signal. PED-ANOVA ranks whatever it is given: entries whose accuracies differ only by test-set noise (all
+at chance, or all within a few images of each other) still get confident-looking shares. So before ranking,
+the entries go through the board's own test, app.leaderboard.bands.band_ranks on the public half's per-image
+correctness (app.leaderboard.board.public_correct: the same matrices, the same paired bootstrap, alpha and
+seed as the public board's rank bands), here over every entry rather than each team's best. When it puts
+every entry at rank 1, no submission is significantly better than any other: there is no difference for a
+hyperparameter to explain, so no importance is computed and the page says so. This is the board's test
+as the board runs it, one-sided per pair at ALPHA with no correction for the many pairs, so among many
+entries a chance difference somewhere is likely: "no signal" is claimed only when entries really are
+indistinguishable, and otherwise the ranking is shown as before. It is claimed only when every entry has
+per-image data (runs stored before migration 0008 have none): with some missing, nothing is claimed and the
+ranking is shown, as the board then ranks those entries by their means alone without a band. A fallback on
+accuracies alone (say, max - min under two binomial standard errors of the half) was left out: it ignores
+the pairing (configs that miss mostly the same images differ far less from resample to resample than two
+independent binomials), so it would claim "no signal" where the board's own test tells entries apart.
+
 The analysis is computed once per board version (app.leaderboard.board bumps it in every transaction that
 lands a result or changes one) and memoised per process; `view` then cuts it down to what a reader may see.
 """
@@ -49,7 +65,7 @@ from app.competitions.models import Competition, Team
 from app.competitions.service import is_manager
 from app.errors import Forbidden, Unauthorized
 from app.hardware import hours_unit
-from app.leaderboard import bands
+from app.leaderboard import bands, board
 from app.leaderboard.board import phase
 from app.leaderboard.models import BoardCache
 from app.submissions.models import RunStatus, Submission, SubmissionKind
@@ -93,7 +109,9 @@ class Entry:
 class Analysis:
     entries: list[Entry]
     params: list[Param]
-    importance: dict[str, float] | None  # param -> share (sums to 1), most important first; None: too few
+    importance: dict[str, float] | None  # param -> share (sums to 1), most important first; None: too few,
+    # or no signal
+    no_signal: bool = False  # rank bands put every entry at rank 1 (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,7 @@ class Insights:
     pareto: list[dict[str, Any]]  # {x: hours, y: accuracy %, front, team?, submission_id?}
     params: list[dict[str, Any]] | None  # per param: {name, kind, log, labels?, points}; None: configs hidden
     importance: list[tuple[str, float]] | None
+    no_signal: bool = False  # no importance: no submission is significantly better than another
     notes: list[str] = field(default_factory=list)
 
     def chart_data(self) -> dict[str, Any]:
@@ -151,7 +170,10 @@ def view(a: Analysis, comp: Competition, *, manager: bool, closed: bool, hours_u
         pareto.append(p)
     params = [_param_chart(p, a.entries, manager) for p in a.params] if configs_shown else None
     notes = []
-    if a.importance is None:
+    if a.no_signal:
+        notes.append(f"No signal yet: no submission is significantly better than another (rank bands, "
+                     f"α = {bands.ALPHA:g}), so no hyperparameter can be credited.")
+    elif a.importance is None:
         notes.append(f"Hyperparameter importance needs at least {MIN_TRIALS} succeeded submissions; there "
                      f"{'is' if len(a.entries) == 1 else 'are'} {len(a.entries)} so far.")
     elif not a.params:
@@ -162,7 +184,7 @@ def view(a: Analysis, comp: Competition, *, manager: bool, closed: bool, hours_u
     return Insights(slug=comp.slug, title=comp.title, phase=phase(comp), trials=len(a.entries),
                     min_trials=MIN_TRIALS, hours_unit=hours_unit, pareto=pareto, params=params,
                     importance=None if a.importance is None else list(a.importance.items()),
-                    notes=notes)
+                    no_signal=a.no_signal, notes=notes)
 
 
 def _param_chart(p: Param, entries: list[Entry], manager: bool) -> dict[str, Any]:
@@ -229,10 +251,26 @@ def compute(session: Session, comp: Competition) -> Analysis:
     front = bands.pareto_front([r.accuracy for r in rows], hours)
     entries = [Entry(submission_id=r.id, team=r.name, accuracy=r.accuracy, gpu_hours=h,
                      pareto=on, values=v) for r, h, on, v in zip(rows, hours, front, values, strict=True)]
-    importance = None
+    importance, no_signal = None, False
     if len(entries) >= MIN_TRIALS:
-        importance = param_importances(dists, [(e.values, e.accuracy) for e in entries]) if params else {}
-    return Analysis(entries=entries, params=params, importance=importance)
+        no_signal = bool(params) and not separable(session, comp, entries)
+        if not no_signal:
+            importance = param_importances(dists, [(e.values, e.accuracy) for e in entries]) if params else {}
+    return Analysis(entries=entries, params=params, importance=importance, no_signal=no_signal)
+
+
+def separable(session: Session, comp: Competition, entries: list[Entry]) -> bool:
+    """Whether the public board's rank bands, over these entries, find one significantly better than another.
+    True (nothing claimed) when any entry has no per-image data: see the module docstring."""
+    correct = board.public_correct(session, comp, [e.submission_id for e in entries])
+    if any(c is None for c in correct):
+        return True
+    means = [e.accuracy for e in entries]
+    # Usually the best entry is already significantly better than the worst: one pair instead of E^2 / 2.
+    top, bottom = max(range(len(means)), key=means.__getitem__), min(range(len(means)), key=means.__getitem__)
+    if max(bands.band_ranks([means[top], means[bottom]], [correct[top], correct[bottom]]).rank) > 1:
+        return True
+    return max(bands.band_ranks(means, correct).rank) > 1
 
 
 def param_importances(distributions: dict[str, BaseDistribution],

@@ -1,5 +1,6 @@
-"""The insights page: who sees it when, Optuna's importance on planted results, the Pareto front, and what
-a participant sees after the close when configs are not revealed."""
+"""The insights page: who sees it when, Optuna's importance on planted results, the Pareto front, what a
+participant sees after the close when configs are not revealed, and no importance where the rank bands tell no
+two submissions apart."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from app.leaderboard import bands
+from app.leaderboard.insights import MIN_TRIALS
 from tests.factories import finish_runs, join, land, make_competition, make_organizer
 
 SPACE = {"lr": {"min": 0.001, "max": 1.0}, "batch_size": {"choices": [32, 64, 100]},
@@ -198,3 +200,60 @@ def test_after_the_close_configs_show_only_when_revealed(client, admin_headers, 
             leaked = [lr for lr in lrs if re.search(r"(?<![\d.])" + re.escape(lr) + r"(?!\d)", r.text)]
             assert not leaked, leaked
             assert "did not reveal configs" in r.text
+
+
+def _outcomes_result(correct: list[bool], labels: list[int]) -> dict:
+    """finish()'s fields for planted per-image outcomes: the accuracies of each half are what they give."""
+    from worker.engine.split import public_private_indices
+
+    public, private = public_private_indices(len(correct))
+    return {"correct": correct, "labels": labels, "accuracy": sum(correct[i] for i in public) / len(public),
+            "private_accuracy": sum(correct[i] for i in private) / len(private), "gpu_seconds": 100.0}
+
+
+def test_no_signal_when_the_rank_bands_tell_no_two_submissions_apart(client, admin_headers):
+    """Ten submissions at chance, within two public images of each other (three images all one way are
+    already significant for the paired bootstrap): the board's bands put them all at rank 1, so no
+    hyperparameter is credited. A clearly better eleventh brings the ranking back."""
+    from worker.engine.split import public_private_indices
+
+    n = 1000
+    labels = [i % 10 for i in range(n)]
+    rng = np.random.default_rng(11)
+    chance = [bool(x) for x in rng.random(n) < 0.1]
+    missed = [j for j in public_private_indices(n)[0] if not chance[j]]
+    org = make_organizer(client, admin_headers)
+    comp = make_competition(client, org, search_space=SPACE)
+    teams = [join(client, comp["slug"], name=f"p{i}", team=f"team-{i}") for i in range(3)]
+    for i in range(MIN_TRIALS):
+        correct = list(chance)
+        for j in missed[2 * i:2 * i + i % 3]:  # 0, 1 or 2 more public images right, different ones each time
+            correct[j] = True
+        lr = round(float(10 ** rng.uniform(-3, 0)), 6)
+        land(client, comp, teams[i % 3], _outcomes_result(correct, labels), lr=lr,
+             batch_size=int(rng.choice([32, 64, 100])))
+    path = f"/competitions/{comp['slug']}/insights"
+
+    r = _get(client, path, org)
+    assert r.status_code == 200, r.text
+    page = _Page(r.text)
+    assert re.search(r'id="insights-trials">10<', r.text)
+    note = re.search(r'id="insights-note"[^>]*>(.*?)</div>', r.text, re.S).group(1)
+    assert "No signal yet: no submission is significantly better than another (rank bands, α = 0.05)" in note
+    assert "at least 10" not in note
+    assert page.has("p", id="importance-no-signal") and not page.has("p", id="importance-empty")
+    assert page.has("table", id="importance") and not page.rows("importance", "data-param")
+    assert "data-importance" not in r.text
+    # The charts still show the (flat) data.
+    assert page.param_charts() == ["lr", "batch_size"]
+    assert len(_data(r.text)["pareto"]) == MIN_TRIALS
+
+    # A clearly better submission: the bands now separate it from the rest, and importance is ranked again.
+    better = [bool(x) for x in rng.random(n) < 0.6]
+    land(client, comp, teams[0], _outcomes_result(better, labels), lr=0.1, batch_size=64)
+    r = _get(client, path, org)
+    page = _Page(r.text)
+    assert not page.has("div", id="insights-note") and not page.has("p", id="importance-no-signal")
+    rows = page.rows("importance", "data-param")
+    assert {row["data-param"] for row in rows} == {"lr", "batch_size"}
+    assert math.isclose(sum(float(row["data-importance"]) for row in rows), 1.0, rel_tol=1e-6)
