@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,6 +32,8 @@ WINDOW = (1280, 900)
 EPOCHS = 4  # the run lasts some seconds on the tiny data (minutes on a loaded machine): pages see it unfinished
 TERMINAL = {"succeeded", "failed", "timeout", "cancelled"}
 EMPTY = "\u2014"  # what a page shows for a value it does not have yet
+CHARTS = ("canvas#chart-loss", "canvas#chart-accuracy", "canvas#chart-lr")  # on a submission's page
+NO_RELOAD = 42  # set as window.__noReload on a live page: still there, the page never reloaded
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,9 +169,26 @@ def shows_accuracy(text: str, accuracy: float) -> bool:
     return False
 
 
+def page_name(d) -> str:
+    return one(d, "body").get_attribute("data-page")
+
+
+def mark_no_reload(d) -> None:
+    d.execute_script("window.__noReload = arguments[0]", NO_RELOAD)
+
+
+def reloaded(d) -> bool:
+    """The page was loaded again since `mark_no_reload`."""
+    return d.execute_script("return window.__noReload") != NO_RELOAD
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def sign_in(d, base: str, token: str, next_path: str = "/") -> None:
     d.get(f"{base}/login?next={next_path}")
-    assert one(d, "body").get_attribute("data-page") == "login"
+    assert page_name(d) == "login"
     one(d, "form#login-form")
     field = one(d, "input#token")
     field.clear()
@@ -183,96 +203,146 @@ def sign_out(d) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The test
+# The steps: what the users do and see
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stack", ["filesystem+sqlite"], indirect=True)
-def test_pages_follow_a_real_submission_live_in_chromium(stack, driver):
-    d, base, slug, hw = driver, stack["url"], "browser", stack["hw"]
-    worker_log = stack["logs"] / "worker.log"
-    console = Console(base)
-    shots: dict[str, Path] = {}
-    t0 = time.time()
+@dataclass
+class Tokens:
+    organizer: str  # olga, who creates the competition
+    member: str  # ada of team owls, who signs in and submits
+    other: str  # bo of team larks, whose entry stands beside hers
 
-    def step(what: str) -> None:
-        print(f"\n[{time.time() - t0:6.1f} s] {what}", end="")
 
-    # Chromium drives a page the real API serves.
-    d.get(f"{base}/api/health")
-    assert '"ok"' in one(d, "body").text
+class Tour:
+    """One walk through the pages: the browser (`d`, the board in one window, a submission in another), the API
+    client that sets things up and reads what the pages should show, the screenshots and console errors so far."""
 
-    # 1. An organizer, a competition on the tiny dataset, a team member: through the API.
-    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    with httpx.Client(base_url=base, timeout=30) as http:
-        r = http.post("/api/admin/users", json={"name": "olga", "role": "organizer"}, headers=admin)
-        assert r.status_code == 201, r.text
-        org_token = r.json()["token"]
-        comp = {"slug": slug, "title": "Browser cup", "hardware_class": hw, "seeds": [0],
-                "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
+    SLUG = "browser"
+
+    def __init__(self, stack: dict, d, http: httpx.Client):
+        self.d, self.http = d, http
+        self.base, self.hw, self.tiny = stack["url"], stack["hw"], stack["tiny"]
+        self.slug = self.SLUG
+        self.worker_log = stack["logs"] / "worker.log"
+        self.console = Console(self.base)
+        self.shots: dict[str, Path] = {}
+        self.tokens: Tokens | None = None
+        self.board_window: str | None = None
+        self.t0 = time.time()
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def note(self, what: str) -> None:
+        print(f"\n[{self.elapsed():6.1f} s] {what}", end="")
+
+    def save(self, name: str) -> None:
+        self.shots[name] = screenshot(self.d, name)
+
+    def page_done(self, name: str) -> None:
+        """Save the page as a PNG, then collect what it logged to the console."""
+        self.save(name)
+        self.console.drain(self.d)
+
+    def post(self, path: str, body: dict, token: str | None = None, ok: tuple[int, ...] = (201,)) -> dict:
+        r = self.http.post(path, json=body, headers=bearer(token))
+        assert r.status_code in ok, r.text
+        return r.json()
+
+    def get(self, path: str, token: str | None = None) -> dict:
+        return self.http.get(path, headers=bearer(token)).json()
+
+    def switch_user(self, token: str, next_path: str) -> None:
+        sign_out(self.d)
+        sign_in(self.d, self.base, token, next_path)
+
+    # -- the steps -----------------------------------------------------------------------------------
+
+    def open_the_health_page(self) -> None:
+        """Chromium drives a page the real API serves."""
+        self.d.get(f"{self.base}/api/health")
+        assert '"ok"' in one(self.d, "body").text
+
+    def create_competition_and_members(self) -> None:
+        """An organizer, a competition on the tiny dataset, two members of two teams: through the API."""
+        olga = self.post("/api/admin/users", {"name": "olga", "role": "organizer"}, ADMIN_TOKEN)
+        comp = {"slug": self.slug, "title": "Browser cup", "hardware_class": self.hw, "seeds": [0],
+                "dataset": {"name": "cifar10", "path": str(self.tiny)}, "model": {"width": 8},
                 "budget": {"max_epochs": EPOCHS}, "search_space": {"lr": {"min": 0.001, "max": 1.0}}}
-        r = http.post("/api/competitions", json=comp, headers={"Authorization": f"Bearer {org_token}"})
-        assert r.status_code == 201, r.text
-        r = http.post(f"/api/competitions/{slug}/join", json={"name": "ada", "team": "owls"})
-        assert r.status_code in (200, 201), r.text
-        member_token = r.json()["token"]
-        member = {"Authorization": f"Bearer {member_token}"}
-        r = http.post(f"/api/competitions/{slug}/join", json={"name": "bo", "team": "larks"})
-        assert r.status_code in (200, 201), r.text
-        other = {"Authorization": f"Bearer {r.json()['token']}"}
+        self.post("/api/competitions", comp, olga["token"])
+        join = f"/api/competitions/{self.slug}/join"
+        ada = self.post(join, {"name": "ada", "team": "owls"}, ok=(200, 201))
+        bo = self.post(join, {"name": "bo", "team": "larks"}, ok=(200, 201))
+        self.tokens = Tokens(organizer=olga["token"], member=ada["token"], other=bo["token"])
 
-        # 2. /login: a wrong token gets the form back with an error; the member's token signs in.
-        d.get(f"{base}/login")
+    def a_wrong_token_is_refused(self) -> None:
+        """/login: a wrong token gets the form back with an error (its 401 in the console is expected)."""
+        d = self.d
+        d.get(f"{self.base}/login")
         one(d, "input#token").send_keys("not-a-token")
         one(d, "button#login-submit").click()
         wait_until(lambda: d.find_elements("css selector", ".error"), 15, "the wrong-token error")
         assert one(d, ".error").text.strip()
-        console.drain(d, expect=("/login - Failed to load resource: the server responded with a status of 401",))
+        self.console.drain(d, expect=("/login - Failed to load resource: the server responded with a status of 401",))
         one(d, "input#token").clear()
-        shots["login"] = screenshot(d, "login")
-        sign_in(d, base, member_token)
+        self.save("login")
+
+    def member_signs_in(self) -> None:
+        """The member's token signs in: an httpOnly cookie, and the index lists the competition."""
+        d = self.d
+        sign_in(d, self.base, self.tokens.member)
         assert "ada" in one(d, "#whoami").text
         cookie = d.get_cookie("hparena_token")
         assert cookie and cookie["httpOnly"], cookie
-        assert one(d, "body").get_attribute("data-page") == "index"
-        row = one(d, f"table#competitions tr[data-slug='{slug}']")
-        assert f"/competitions/{slug}" in row.get_attribute("innerHTML")
-        shots["index"] = screenshot(d, "index")
+        assert page_name(d) == "index"
+        row = one(d, f"table#competitions tr[data-slug='{self.slug}']")
+        assert f"/competitions/{self.slug}" in row.get_attribute("innerHTML")
+        self.page_done("index")
 
-        # 3. The board, to project: no entry yet; it polls (the "updated" text moves) without reloading.
-        d.get(f"{base}/competitions/{slug}")
+    def project_the_board(self) -> None:
+        """The board, to project: no entry yet; it polls (the "updated" text moves) without reloading."""
+        d = self.d
+        d.get(f"{self.base}/competitions/{self.slug}")
         body = one(d, "body")
         assert body.get_attribute("data-page") == "board" and "projector" in body.get_attribute("class")
         one(d, "table#board.board tbody#board-rows")
         assert one(d, "#board-name").text.strip()
         assert count(d, "tr.entry") == 0
-        d.execute_script("window.__noReload = 42")
+        mark_no_reload(d)
         updated = one(d, "#board-updated").text
         wait_until(lambda: one(d, "#board-updated").text != updated, 15, "the board's next poll")
-        board_window = d.current_window_handle
-        console.drain(d)
+        self.board_window = d.current_window_handle
+        self.console.drain(d)
 
-        # 4. A submission through the API, followed live on its page in a second window.
-        config = {"batch_size": 32, "lr": 0.07, "epochs": EPOCHS}
-        r = http.post(f"/api/competitions/{slug}/submissions", json={"config": config}, headers=member)
-        assert r.status_code == 201, r.text
-        sid = r.json()["id"]
-        # Another team's one-epoch entry with another lr, queued behind it: lr then varies on the insights page
-        # (another team's, so that it never replaces ours as the team's best on the board).
-        r = http.post(f"/api/competitions/{slug}/submissions", json={"config": {"batch_size": 32, "lr": 0.02,
-                                                                                 "epochs": 1}}, headers=other)
-        assert r.status_code == 201, r.text
-        second = r.json()["id"]
-        step("signed in, board polling, submitted")
+    def submit_ours_and_another_teams(self) -> tuple[int, int]:
+        """The member's run, then another team's one-epoch entry with another lr queued behind it: lr then varies
+        on the insights page (another team's, so that it never replaces ours as the team's best on the board)."""
+        submissions = f"/api/competitions/{self.slug}/submissions"
+        ours = self.post(submissions, {"config": {"batch_size": 32, "lr": 0.07, "epochs": EPOCHS}},
+                         self.tokens.member)["id"]
+        theirs = self.post(submissions, {"config": {"batch_size": 32, "lr": 0.02, "epochs": 1}},
+                           self.tokens.other)["id"]
+        self.note("signed in, board polling, submitted")
+        return ours, theirs
+
+    def open_the_submission_page(self, sid: int) -> None:
+        """In a second window, so that the board keeps polling behind it."""
+        d = self.d
         d.switch_to.new_window("window")
-        d.get(f"{base}/submissions/{sid}")
-        assert one(d, "body").get_attribute("data-page") == "submission"
-        for css in ("canvas#chart-loss", "canvas#chart-accuracy", "canvas#chart-lr", "table#epochs", "#device",
-                    "#precision", "#timings", "#queue-position", "#eta", "#config"):
+        d.get(f"{self.base}/submissions/{sid}")
+        assert page_name(d) == "submission"
+        for css in (*CHARTS, "table#epochs", "#device", "#precision", "#timings", "#queue-position", "#eta",
+                    "#config"):
             one(d, css)
         assert "0.07" in one(d, "#config").text
-        d.execute_script("window.__noReload = 42")
+        mark_no_reload(d)
 
+    def watch_it_go_from_queued_to_succeeded(self, sid: int) -> None:
+        """Its status and epoch rows as the page shows them, polled in order, with never a reload."""
+        d = self.d
         seen: list[tuple[str, int]] = []  # (status, epoch rows) as the page showed them, in order
 
         def finished():
@@ -280,19 +350,23 @@ def test_pages_follow_a_real_submission_live_in_chromium(stack, driver):
                 "const s = document.querySelector('#status');"
                 "return [s && s.getAttribute('data-status'), document.querySelectorAll('table#epochs tr.epoch').length,"
                 " window.__noReload];")
-            assert s[2] == 42, f"the submission page reloaded (seen so far: {seen})"
+            assert s[2] == NO_RELOAD, f"the submission page reloaded (seen so far: {seen})"
             if not seen or seen[-1] != (s[0], s[1]):
                 seen.append((s[0], s[1]))
             return s[0] in TERMINAL
 
-        wait_until(finished, 300, f"submission {sid} to finish on its page", worker_log)
+        wait_until(finished, 300, f"submission {sid} to finish on its page", self.worker_log)
         assert seen[0][0] in ("queued", "running"), seen
         assert seen[-1] == ("succeeded", EPOCHS), seen
         shown_while_running = sorted({n for status, n in seen if status == "running"})
-        detail = http.get(f"/api/submissions/{sid}", headers=member).json()
+        self.note(f"submission page states: {seen} (epoch rows while running: {shown_while_running})")
+
+    def see_the_finished_run(self, sid: int) -> dict:
+        """The charts hold every epoch; device, precision and timings are filled in. Returns the API's view."""
+        d = self.d
+        detail = self.get(f"/api/submissions/{sid}", self.tokens.member)
         assert detail["status"] == "succeeded", detail
-        # The charts hold every epoch; device, precision and timings are filled in.
-        for css in ("canvas#chart-loss", "canvas#chart-accuracy", "canvas#chart-lr"):
+        for css in CHARTS:
             assert chart_points(d, css) == EPOCHS, f"{css} has {chart_points(d, css)} points, want {EPOCHS}"
         for css in ("#device", "#precision"):
             assert one(d, css).text.strip() not in ("", EMPTY), f"{css} is empty after the run"
@@ -301,41 +375,45 @@ def test_pages_follow_a_real_submission_live_in_chromium(stack, driver):
             "return [...document.querySelectorAll('#timings tr.run td:is(.setup, .train, .eval)')]"
             ".map(td => td.textContent.trim())")
         assert len(timings) == 3 and all(re.search(r"\d", t) for t in timings), timings
-        assert d.execute_script("return window.__noReload") == 42
-        shots["submission"] = screenshot(d, "submission")
-        console.drain(d)
-        step(f"submission page states: {seen} (epoch rows while running: {shown_while_running})")
+        assert not reloaded(d), "the submission page reloaded"
+        self.page_done("submission")
+        return detail
 
-        # 5. Back on the board: the entry arrived without a reload, with the API's accuracy.
-        d.switch_to.window(board_window)
+    def board_takes_the_entry(self, sid: int, detail: dict) -> None:
+        """Back on the board: the entry arrived without a reload, with the API's accuracy."""
+        d = self.d
+        d.switch_to.window(self.board_window)
         entry_css = f"tr.entry[data-submission-id='{sid}']"
-        wait_until(lambda: count(d, entry_css), 60, "the entry on the board", worker_log)
-        assert d.execute_script("return window.__noReload") == 42, "the board reloaded"
-        entry = one(d, entry_css)
-        assert entry.get_attribute("data-team") == "owls"
-        api_entry = next(e for e in http.get(f"/api/competitions/{slug}/leaderboard").json()["entries"]
+        wait_until(lambda: count(d, entry_css), 60, "the entry on the board", self.worker_log)
+        assert not reloaded(d), "the board reloaded"
+        assert one(d, entry_css).get_attribute("data-team") == "owls"
+        api_entry = next(e for e in self.get(f"/api/competitions/{self.slug}/leaderboard")["entries"]
                          if e["submission_id"] == sid)
         assert api_entry["accuracy"] == pytest.approx(detail["accuracy"])
         score = one(d, f"{entry_css} td.score").text
         assert shows_accuracy(score, api_entry["accuracy"]), (score, api_entry["accuracy"])
-        step("board took the entry")
+        self.note("board took the entry")
 
-        # The other team's entry lands as well, still without a reload.
-        def second_done():
-            status = http.get(f"/api/submissions/{second}", headers=other).json()["status"]
+    def board_takes_the_other_teams_entry(self, sid: int) -> None:
+        """The other team's entry lands as well, still without a reload."""
+        d = self.d
+
+        def done():
+            status = self.get(f"/api/submissions/{sid}", self.tokens.other)["status"]
             return status if status in TERMINAL else None
 
-        assert wait_until(second_done, 300, "the second submission", worker_log, every=1) == "succeeded"
-        wait_until(lambda: count(d, f"tr.entry[data-submission-id='{second}'][data-team='larks']"), 60,
-                   "the other team's entry on the board", worker_log)
-        assert d.execute_script("return window.__noReload") == 42, "the board reloaded"
-        shots["board"] = screenshot(d, "board")
-        console.drain(d)
+        assert wait_until(done, 300, "the second submission", self.worker_log, every=1) == "succeeded"
+        wait_until(lambda: count(d, f"tr.entry[data-submission-id='{sid}'][data-team='larks']"), 60,
+                   "the other team's entry on the board", self.worker_log)
+        assert not reloaded(d), "the board reloaded"
+        self.page_done("board")
 
-        # 6. The organizer's insights, then the admin's fleet.
-        sign_out(d)
-        sign_in(d, base, org_token, f"/competitions/{slug}/insights")
-        assert one(d, "body").get_attribute("data-page") == "insights"
+    def organizer_opens_insights(self) -> int:
+        """Both entries on the Pareto chart and on the lr chart. Returns how many table#importance the page has:
+        the test checks that last, so that every other page is checked and saved first."""
+        d = self.d
+        self.switch_user(self.tokens.organizer, f"/competitions/{self.slug}/insights")
+        assert page_name(d) == "insights"
         assert "olga" in one(d, "#whoami").text
         one(d, "canvas#chart-pareto")
         wait_until(lambda: chart_points(d, "canvas#chart-pareto") >= 1, 15, "the entries on the Pareto chart")
@@ -345,32 +423,63 @@ def test_pages_follow_a_real_submission_live_in_chromium(stack, driver):
         assert "lr" in params and all(params), params
         assert sum_points(d, ".param-chart[data-param='lr'] canvas") == 2
         # Two entries are too few to rank hyperparameters: the importance table is empty and a note says why.
-        importance_table = count(d, "table#importance")
+        importance_tables = count(d, "table#importance")
         assert count(d, "table#importance tr[data-param]") == 0
         assert one(d, "#insights-note").text.strip(), "no importance and no note saying why"
-        shots["insights"] = screenshot(d, "insights")
-        console.drain(d)
-        step("insights")
+        self.page_done("insights")
+        self.note("insights")
+        return importance_tables
 
-        sign_out(d)
-        sign_in(d, base, ADMIN_TOKEN, "/admin")
-        assert one(d, "body").get_attribute("data-page") == "admin"
-        wait_until(lambda: count(d, f"table#workers tr[data-hostname^='{hw}@']"), 30, "the live worker's row")
-        worker_row = one(d, f"table#workers tr[data-hostname^='{hw}@']").text
+    def admin_opens_the_fleet(self) -> None:
+        """The live worker's row, its queue and the stale-runs table."""
+        d = self.d
+        self.switch_user(ADMIN_TOKEN, "/admin")
+        assert page_name(d) == "admin"
+        worker_css = f"table#workers tr[data-hostname^='{self.hw}@']"
+        wait_until(lambda: count(d, worker_css), 30, "the live worker's row")
+        worker_row = one(d, worker_css).text
         assert "idle" in worker_row.lower() or "busy" in worker_row.lower(), worker_row
-        one(d, f"table#queues tr[data-queue='train.{hw}']")
+        one(d, f"table#queues tr[data-queue='train.{self.hw}']")
         one(d, "table#stale-runs")
-        shots["admin"] = screenshot(d, "admin")
-        console.drain(d)
-        step("admin")
+        self.page_done("admin")
+        self.note("admin")
 
-    # 7. Every page was saved, as a PNG with something in it.
-    for name, path in shots.items():
-        data = path.read_bytes()
-        assert data.startswith(b"\x89PNG") and len(data) > 2000, f"{name}: {path} is empty or not a PNG"
-    # 8. No script error and no failed request on any of our pages.
-    assert not console.errors, "browser console errors:\n" + "\n".join(console.errors)
+    def every_page_was_saved(self) -> None:
+        """As a PNG with something in it."""
+        for name, path in self.shots.items():
+            data = path.read_bytes()
+            assert data.startswith(b"\x89PNG") and len(data) > 2000, f"{name}: {path} is empty or not a PNG"
+
+    def no_console_errors(self) -> None:
+        """No script error and no failed request on any of our pages."""
+        assert not self.console.errors, "browser console errors:\n" + "\n".join(self.console.errors)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The test
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stack", ["filesystem+sqlite"], indirect=True)
+def test_pages_follow_a_real_submission_live_in_chromium(stack, driver):
+    with httpx.Client(base_url=stack["url"], timeout=30) as http:
+        tour = Tour(stack, driver, http)
+        tour.open_the_health_page()
+        tour.create_competition_and_members()
+        tour.a_wrong_token_is_refused()
+        tour.member_signs_in()
+        tour.project_the_board()
+        ours, theirs = tour.submit_ours_and_another_teams()
+        tour.open_the_submission_page(ours)
+        tour.watch_it_go_from_queued_to_succeeded(ours)
+        detail = tour.see_the_finished_run(ours)
+        tour.board_takes_the_entry(ours, detail)
+        tour.board_takes_the_other_teams_entry(theirs)
+        importance_tables = tour.organizer_opens_insights()
+        tour.admin_opens_the_fleet()
+    tour.every_page_was_saved()
+    tour.no_console_errors()
     # Issue 12's DOM contract has table#importance on the insights page, with rows or without (checked last,
     # so that every other page is checked and saved first).
-    assert importance_table, "insights: no table#importance while there is no importance yet"
-    print(f"browser test: {time.time() - t0:.1f} s; screenshots in {artifacts_dir()}")
+    assert importance_tables, "insights: no table#importance while there is no importance yet"
+    print(f"browser test: {tour.elapsed():.1f} s; screenshots in {artifacts_dir()}")
