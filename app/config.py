@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     sweep_seconds: float = 15.0
     # A worker that refuses another deployment's message waits this long before it goes back to the queue.
     refuse_delay_seconds: float = 5.0
+    task_events: bool = Field(False, description=(
+        "Celery task events, for Flower's Tasks tab: each worker announces every task it receives, starts and "
+        "ends (task-received, task-started, task-succeeded or task-failed, with the runtime), and whatever "
+        "sends a task (the API, a worker's reconciler) announces it as task-sent. A few small messages per task, "
+        "Redis pub/sub messages that vanish when nothing listens. Set it on the API and on every worker. "
+        "Refused on the embedded filesystem broker, which keeps a monitor's event queue after the monitor has "
+        "gone (docs/operations.md, \"Flower\")."))
     # Redis redelivers unacked messages after this; it must exceed the longest training budget.
     visibility_timeout_seconds: int = 12 * 3600
     # Torch threads a worker trains with: its share of the node (app.hardware.thread_share). 0: the cores
@@ -107,6 +114,11 @@ class Settings(BaseSettings):
         if self.environment == "production":
             if self.database_url.startswith("sqlite"):
                 raise ValueError("production needs a server database (HPARENA_DATABASE_URL=postgresql+psycopg://...)")
+        if self.task_events and self.broker_url.startswith("filesystem"):
+            raise ValueError("HPARENA_TASK_EVENTS is refused on the embedded filesystem broker: kombu's filesystem "
+                             "transport keeps a monitor's event queue after the monitor has gone, so every later "
+                             "event is left as a file in the broker's queue folder, which each worker lists on "
+                             "every poll. Monitor tasks on a Redis broker (HPARENA_BROKER_URL=redis://...)")
         if self.visibility_timeout_seconds <= self.task_time_limit_seconds:
             raise ValueError("HPARENA_VISIBILITY_TIMEOUT_SECONDS must exceed the longest a run may take "
                              f"({self.task_time_limit_seconds:g} s: HPARENA_TIME_LIMIT_MAX_SECONDS plus twice "

@@ -66,7 +66,10 @@ def celery_config(settings: Settings) -> dict:
         # the run is committed as queued either way, and the reconciler (app.dispatch) sends its token later.
         "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                                       "interval_max": 0.5},
-        "worker_send_task_events": False,
+        # Task events for Flower (HPARENA_TASK_EVENTS; docs/operations.md, "Flower"): the worker's received,
+        # started and finished, and the sender's task-sent. Settings refuses them on the filesystem broker.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         # A run keeps training when the broker connection drops: the database, not the broker, says whose
         # run it is (Celery 6 would otherwise default to cancelling it).
         "worker_cancel_long_running_tasks_on_connection_loss": False,

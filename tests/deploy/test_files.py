@@ -211,6 +211,16 @@ def test_compose_has_health_checks_named_volumes_flower_and_a_redis_that_keeps_i
     assert "--scale" not in (ROOT / "docker-compose.yml").read_text().replace("never with `--scale`", "")
 
 
+def test_compose_workers_and_the_api_send_the_task_events_flower_shows(monkeypatch):
+    """Flower's Tasks tab (docs/operations.md): the workers announce each token they receive, start and finish,
+    the API each one it sends. The workers send tokens too (the reconciler), so both settings apply to both."""
+    compose = _compose()
+    assert compose["services"]["flower"]["image"].startswith("mher/flower:")
+    for name in ["api", *_workers(compose)]:
+        conf = celery_config(_settings(_service_env(compose["services"][name]), monkeypatch))
+        assert conf["worker_send_task_events"] and conf["task_send_sent_event"], name
+
+
 def test_compose_builds_the_image_once_and_every_hparena_service_runs_that_tag():
     services = _compose()["services"]
     built = {name: s for name, s in services.items() if "build" in s}

@@ -16,8 +16,14 @@ from worker.processes import spawn, stop, wait_http
 REDIS_URL = os.environ.get("HPARENA_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 
+@pytest.fixture
+def stack_env() -> dict[str, str]:
+    """Settings a test module adds to every process of its stack: override this fixture in the module."""
+    return {}
+
+
 @pytest.fixture(params=["filesystem+sqlite", "redis+postgresql"])
-def stack(request, tmp_path, tiny_cifar):
+def stack(request, tmp_path, tiny_cifar, stack_env):
     broker, db = request.param.split("+")
     hw = f"e2e{uuid.uuid4().hex[:6]}"  # a queue of its own, so parallel runs never share messages
     pg_name = None
@@ -40,6 +46,7 @@ def stack(request, tmp_path, tiny_cifar):
         # run is never swept as lost, and a dead child is reported by its own parent first.
         "HPARENA_STALE_AFTER_SECONDS": "15",
         "HPARENA_SWEEP_SECONDS": "1",
+        **stack_env,
     }
     port = free_port()
     from app import migrate

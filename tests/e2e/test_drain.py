@@ -23,22 +23,23 @@ EPOCHS = 8
 
 
 class Contest:
-    """One competition on the stack's class and one student: submit and read submissions over HTTP."""
+    """One competition on the stack's class and one student: submit and read submissions over HTTP. Each
+    submission trains `epochs` epochs (tests/e2e/test_task_events.py uses one)."""
 
-    def __init__(self, http: httpx.Client, stack: dict):
-        self.http = http
+    def __init__(self, http: httpx.Client, stack: dict, epochs: int = EPOCHS):
+        self.http, self.epochs = http, epochs
         org = {"Authorization": "Bearer " + http.post("/api/admin/users", json={"name": "o", "role": "organizer"},
                                                       headers=ADMIN).json()["token"]}
         comp = {"slug": "drain", "title": "drain", "hardware_class": stack["hw"], "seeds": [0],
                 "dataset": {"name": "cifar10", "path": str(stack["tiny"])}, "model": {"width": 8},
-                "budget": {"max_epochs": EPOCHS}}
+                "budget": {"max_epochs": epochs}}
         assert http.post("/api/competitions", json=comp, headers=org).status_code == 201
         self.student = {"Authorization": "Bearer " + http.post("/api/competitions/drain/join",
                                                                json={"name": "s", "team": "t"}).json()["token"]}
 
     def submit(self) -> int:
         r = self.http.post("/api/competitions/drain/submissions", headers=self.student,
-                           json={"config": {"batch_size": 32, "epochs": EPOCHS}})
+                           json={"config": {"batch_size": 32, "epochs": self.epochs}})
         assert r.status_code == 201, r.text
         return r.json()["id"]
 
