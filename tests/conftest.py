@@ -59,16 +59,21 @@ def var_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_cifar(request) -> Path:
+def tiny_cifar(request, tmp_path_factory) -> Path:
     """A small class-balanced tarball cut from the real CIFAR-10 JPEGs: 30 train, 10 test per class. Cutting
-    it reads the whole 60,000-file archive (~8 s), so it is kept in pytest's cache folder between sessions,
-    under a name that changes with the archive."""
+    it reads the whole 60,000-file archive (~8 s), so it is kept in pytest's cache folder between sessions
+    (when the cache is on), under a name that changes with the archive."""
     st = SHARED_TAR.stat()
-    out = request.config.cache.mkdir("tiny-cifar") / f"cifar10-tiny-{st.st_size}-{st.st_mtime_ns}.tar.gz"
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    folder = cache.mkdir("tiny-cifar") if cache is not None else tmp_path_factory.mktemp("data")
+    out = folder / f"cifar10-tiny-{st.st_size}-{st.st_mtime_ns}.tar.gz"
     if not out.exists():
         part = out.with_name(f"{out.name}.{uuid.uuid4().hex}.part")
-        _cut_tiny_cifar(part)
-        part.replace(out)  # atomic: a parallel session sees the whole file or none
+        try:
+            _cut_tiny_cifar(part)
+            part.replace(out)  # atomic: a parallel session sees the whole file or none
+        finally:
+            part.unlink(missing_ok=True)
     return out
 
 

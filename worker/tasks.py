@@ -249,9 +249,9 @@ class TrainRequest(Request):
         if not shutting_down():
             return False
         log.info("token %s arrived during the worker's shutdown: back to the queue", self.id)
+        self._already_revoked = True  # so that Celery skips it (execute_using_pool raises TaskRevokedError)
         worker_state.task_ready(self)
         self.reject(requeue=True)
-        self._already_revoked = True  # so that Celery skips it: execute_using_pool raises TaskRevokedError
         return True
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
