@@ -52,6 +52,7 @@ from worker.engine.result import (
     Outcome,
     ProgressEvent,
     ResumeEvent,
+    SetupEvent,
     StopRequested,
     TrainResult,
 )
@@ -90,7 +91,8 @@ def result_columns(result: TrainResult, hardware: HardwareClass | None, class_na
     metrics = result.metrics
     fields: dict[str, Any] = dict(
         result=result.to_json(), gpu_seconds=result.device_seconds, stop_reason=result.stop_reason.value,
-        device_name=result.device.name, accuracy=result.accuracy, private_accuracy=result.private_accuracy,
+        device_name=result.device.name, precision=result.precision,
+        setup_seconds=result.timings.setup_seconds, accuracy=result.accuracy, private_accuracy=result.private_accuracy,
         ece=metrics.public.ece if metrics else None, private_ece=metrics.private.ece if metrics else None,
         diverged_epoch=result.diverged_epoch, diverged_step=result.diverged_step, logits=result.logits,
         labels=result.labels, device_mismatch=check_result(hardware, class_name, result),
@@ -409,6 +411,9 @@ def train_run(self, deployment: str | None = None) -> str:
                     for row in event.history:
                         hb.progress = row.epoch / row.epochs
                         runs.record_epoch(s, claim, row, hb.progress)
+            elif isinstance(event, SetupEvent):
+                with session_scope() as s:
+                    runs.record_setup(s, claim, event.precision, event.setup_seconds)
             elif isinstance(event, ProgressEvent):
                 hb.progress = event.fraction
             elif isinstance(event, EpochEvent):

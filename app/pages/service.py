@@ -101,7 +101,9 @@ class RunView:
     label: str  # "seed 0", or "seed 7 (rescore 1)"
     device: str | None
     precision: str | None
-    timings: dict[str, float] | None  # setup, train, eval seconds (the stored result's Timings)
+    # setup, train, eval seconds: the stored result's Timings once over; while it runs, the worker's setup
+    # report and the training seconds so far (eval None); all None before its setup is reported.
+    timings: dict[str, float | None]
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,9 @@ def submission_page(session: Session, user: User, submission_id: int) -> Submiss
 def _run_view(run: Run, detail: RunDetail) -> RunView:
     label = f"seed {run.seed}" + (f" (rescore {run.round})" if run.round else "")
     record = _record(run.result)
-    if record is None:  # not over yet: the device the worker reported, nothing measured
-        return RunView(detail=detail, label=label, device=run.device_name, precision=None, timings=None)
+    if record is None:  # not over yet: the device, precision and setup the worker reported, training so far
+        return RunView(detail=detail, label=label, device=run.device_name, precision=run.precision,
+                       timings={"setup": run.setup_seconds, "train": detail.train_seconds, "eval": None})
     t = record.timings
     return RunView(detail=detail, label=label, device=f"{record.device.name} ({record.device.type})",
                    precision=record.precision,

@@ -43,7 +43,8 @@ def reuse(session: Session, run: Run, original: Run) -> None:
     run.reused_from_run_id = original.id
     run.result = copy.deepcopy(original.result)
     for column in ("accuracy", "private_accuracy", "ece", "private_ece", "gpu_seconds", "stop_reason",
-                   "device_name", "diverged_epoch", "diverged_step", "device_mismatch"):
+                   "device_name", "precision", "setup_seconds", "diverged_epoch", "diverged_step",
+                   "device_mismatch"):
         setattr(run, column, getattr(original, column))
     run.attempts, run.progress = 0, 1.0
     run.started_at = run.finished_at = now

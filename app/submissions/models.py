@@ -148,6 +148,12 @@ class Run(TimestampMixin, Base):
     # Expected calibration error (result.metrics.<half>.ece), indexed copies like accuracy.
     ece: Mapped[float | None] = mapped_column(Float, nullable=True)
     private_ece: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The engine's setup report (SetupEvent) for the current attempt, written before the first step so that a
+    # running run shows them: the precision it trains in (bf16, fp16, fp32) and the seconds spent building
+    # the model and moving data to the device. Cleared by each claim; once over, the result's precision and
+    # timings.setup_seconds (worker.tasks.result_columns).
+    precision: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    setup_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     # Device-seconds predicted at submission (app.costs.predict) and the time limits derived from them.
     predicted_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     # What the run cost its team (device-seconds): its gpu_seconds when it trained, 0 when refunded

@@ -201,7 +201,8 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
                or_(Run.status == RunStatus.queued,
                    (Run.status == RunStatus.running) & dead))
         .values(status=RunStatus.running, attempts=Run.attempts + 1, started_at=now, heartbeat_at=now,
-                worker_hostname=hostname, error=None, progress=0.0)
+                worker_hostname=hostname, error=None, progress=0.0, precision=None,
+                setup_seconds=None)
         .execution_options(synchronize_session=False)
     ).rowcount
     session.refresh(run)
@@ -215,7 +216,8 @@ def claim(session: Session, run_id: int, hostname: str, *, stale_after: float, m
         if run.status == RunStatus.running:
             return Done(f"run is running on {run.worker_hostname}")
         return Done(f"run is {run.status}")
-    # A retried attempt starts its curve afresh; the earlier attempt's rows would mix into it.
+    # A retried attempt starts its curve afresh; the earlier attempt's rows would mix into it (its setup
+    # report was cleared above: the new attempt sends its own).
     session.execute(delete(EpochMetric).where(EpochMetric.run_id == run_id))
     refresh_submission(session, run.submission_id)
     return Claimed(run_id=run.id, attempt=run.attempts, spec=run.spec)
@@ -243,6 +245,14 @@ def heartbeat(session: Session, c: Claimed, progress: float, device_name: str | 
 def _as_seen_by(session: Session, c: Claimed) -> str:
     status, attempts = session.execute(select(Run.status, Run.attempts).where(Run.id == c.run_id)).one()
     return status if attempts == c.attempt else SUPERSEDED
+
+
+def record_setup(session: Session, c: Claimed, precision: str, setup_seconds: float) -> None:
+    """The engine's setup report (SetupEvent), before the first step: what a running run shows of how it runs.
+    A retried attempt overwrites its predecessor's (each claim clears them)."""
+    session.execute(update(Run).where(_fenced(c)).values(precision=precision, setup_seconds=setup_seconds,
+                                                          heartbeat_at=utcnow())
+                    .execution_options(synchronize_session=False))
 
 
 def record_epoch(session: Session, c: Claimed, row: EpochRow, progress: float) -> None:

@@ -75,6 +75,13 @@ class RunOut(BaseModel):
     heartbeat_at: datetime | None
     worker_hostname: str | None
     device_name: str | None
+    precision: str | None = Field(None, description=(
+        "The numeric precision it trains in (bf16, fp16 or fp32; what `precision: auto` resolved to), reported "
+        "by the worker once the model is set up, before the first step; the result's precision once over. "
+        "Null until reported."))
+    setup_seconds: float | None = Field(None, description=(
+        "Wall seconds its current attempt spent on setup (building the model and optimizer, moving the data "
+        "to the device), reported before the first step; not counted in gpu_seconds. Null until reported."))
     round: int = Field(0, description="0: one of the submission's own runs; r: added by the organizer's "
                                       "rescore r with a fresh seed (charged nothing to the team).")
     accuracy: float | None
@@ -104,6 +111,10 @@ class RunOut(BaseModel):
 
 class RunDetail(RunOut):
     epochs: list[EpochOut] = []
+    train_seconds: float | None = Field(None, description=(
+        "Seconds spent training so far (every epoch trained, including those an earlier attempt checkpointed; "
+        "evaluation not counted): while it runs, the last finished epoch's `seconds`; once over, the result's "
+        "timings.train_seconds. Null before the first epoch ends."))
     result: dict[str, Any] | None = None
 
 

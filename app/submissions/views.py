@@ -24,10 +24,19 @@ def detail(session: Session, sub: Submission) -> SubmissionDetail:
         run = RunDetail.model_validate(r)
         run.epochs = [EpochOut.model_validate(e) for e in epochs.get(r.id, [])]
         run.result = participant_view(r.result)
+        run.train_seconds = _train_seconds(run)
         runs.append(run)
     out = SubmissionDetail(**summary(session, sub).model_dump(), runs=runs)
     out.failure_reason = failure_reason(out)
     return out
+
+
+def _train_seconds(run: RunDetail) -> float | None:
+    """The result's training seconds once there is one; else the last finished epoch's (cumulative) figure."""
+    timings = (run.result or {}).get("timings") or {}
+    if timings.get("train_seconds") is not None:
+        return timings["train_seconds"]
+    return run.epochs[-1].seconds if run.epochs else None
 
 
 _CONSEQUENCE = {

@@ -258,6 +258,18 @@ def test_a_submission_page_follows_its_runs_epoch_by_epoch_to_the_result(client,
     assert '"lr": 0.05' in queued.text
 
     claims = _claim(sub["id"])
+    with session_scope() as s:  # the workers set up (SetupEvent) before their first step
+        for c in claims:
+            run_service.record_setup(s, c, "fp16", 2.5)
+    # Set up, no epoch yet: the precision and setup time show already, training time not yet.
+    api = client.get(f"/api/submissions/{sub['id']}", headers=me).json()["runs"]
+    assert [(r["precision"], r["setup_seconds"], r["train_seconds"], r["result"]) for r in api] == [
+        ("fp16", 2.5, None, None)] * 2
+    live = _get(client, f"{url}/live.json", me).json()
+    assert [(r["precision"], r["timings"]) for r in live["runs"]] == [
+        ("fp16", {"setup": 2.5, "train": None, "eval": None})] * 2
+    assert re.search(r'id="precision">fp16<', live["html"]) and 'class="num setup">2.5 s<' in live["html"]
+
     for c in claims:  # two seeds, one epoch each so far
         with session_scope() as s:
             run_service.record_epoch(s, c, EpochRow(epoch=1, epochs=2, train_loss=2.0, steps=10, partial=False,
@@ -269,6 +281,12 @@ def test_a_submission_page_follows_its_runs_epoch_by_epoch_to_the_result(client,
     assert [[(e["epoch"], e["train_loss"], e["test_accuracy"], e["lr"]) for e in r["epochs"]]
             for r in live["runs"]] == [[(1, 2.0, 0.3, 0.05)]] * 2
     assert live["html"].count('class="epoch"') == 2 and 'data-status="running"' in live["html"]
+    assert [r["timings"] for r in live["runs"]] == [{"setup": 2.5, "train": 3.0, "eval": None}] * 2
+    assert live["html"].count('class="num train">3.0 s <span class="muted">so far</span><') == 2
+    running = _get(client, url, me).text
+    assert re.search(r'id="precision">fp16<', running) and 'class="num setup">2.5 s<' in running
+    api = client.get(f"/api/submissions/{sub['id']}", headers=me).json()["runs"]
+    assert [(r["precision"], r["setup_seconds"], r["train_seconds"]) for r in api] == [("fp16", 2.5, 3.0)] * 2
 
     for c in claims:
         with session_scope() as s:
@@ -283,6 +301,10 @@ def test_a_submission_page_follows_its_runs_epoch_by_epoch_to_the_result(client,
     live = _get(client, f"{url}/live.json", me).json()
     assert live["terminal"] is True
     assert live["runs"][0]["timings"] == {"setup": 1.25, "train": 6.5, "eval": 0.75}
+    assert "so far" not in live["html"]
+    # The API's run fields say what the result says once it is over.
+    api = client.get(f"/api/submissions/{sub['id']}", headers=me).json()["runs"]
+    assert [r["train_seconds"] for r in api] == [6.5] * 2
     assert "0.7777777" not in str(live)
 
     # Another team gets the API's 404; the organizer sees it; a signed-out browser is sent to sign in.
@@ -294,6 +316,24 @@ def test_a_submission_page_follows_its_runs_epoch_by_epoch_to_the_result(client,
     assert signed_out.status_code == 303
     assert signed_out.headers["location"] == f"/login?next=%2Fsubmissions%2F{sub['id']}"
     assert _get(client, f"{url}/live.json").status_code == 401
+
+
+def test_a_retried_attempt_shows_its_own_setup_not_its_predecessors(client, db, admin_headers):
+    comp = make_competition(client, make_organizer(client, admin_headers))
+    me = join(client, comp["slug"], name="me")
+    sub = submit(client, comp, me, lr=0.05, batch_size=32)
+    (first,) = _claim(sub["id"])
+    with session_scope() as s:
+        run_service.record_setup(s, first, "bf16", 4.0)
+        assert run_service.retry(s, first, "the node went away", max_attempts=3) == RunStatus.queued
+    (second,) = _claim(sub["id"])
+    run = client.get(f"/api/submissions/{sub['id']}", headers=me).json()["runs"][0]
+    assert (run["attempts"], run["precision"], run["setup_seconds"]) == (2, None, None)
+    with session_scope() as s:
+        run_service.record_setup(s, first, "bf16", 4.0)  # the lost attempt, late: fenced off
+        run_service.record_setup(s, second, "fp32", 1.5)
+    run = client.get(f"/api/submissions/{sub['id']}", headers=me).json()["runs"][0]
+    assert (run["precision"], run["setup_seconds"]) == ("fp32", 1.5)
 
 
 def test_a_failure_is_said_in_plain_words(client, db, admin_headers):

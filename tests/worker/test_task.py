@@ -75,6 +75,10 @@ def test_task_trains_and_reports_to_the_leaderboard(client, db, contest):
         assert all(e["train_loss"] > 0 and e["images_per_sec"] > 0 for e in run["epochs"])
         assert run["result"]["versions"]["torch"].startswith("2.14")
         assert run["result"]["stop_reason"] == "completed"
+        # The row's setup report and training time agree with the result they were written from.
+        timings = run["result"]["timings"]
+        assert (run["precision"], run["setup_seconds"], run["train_seconds"]) == (
+            run["result"]["precision"], timings["setup_seconds"], timings["train_seconds"])
         assert run["result"]["spec"]["seed"] == run["seed"]
         assert run["result"]["spec"]["deterministic"] is False
         # Nothing computed on the private test half reaches participants.
@@ -321,6 +325,21 @@ def test_cancel_while_running_stops_the_worker(client, training):
         epochs = s.scalars(select(EpochMetric.epoch).where(EpochMetric.run_id == run_id)).all()
         assert s.get(Run, run_id).status == "cancelled"
     assert len(epochs) < 50
+
+
+def test_a_running_run_shows_its_precision_and_setup_before_its_result(client, training):
+    sub, student, run_id, out, t = training
+    run = client.get(f"/api/submissions/{sub['id']}", headers=student).json()["runs"][0]
+    assert run["status"] == "running" and run["result"] is None
+    assert run["precision"] in ("bf16", "fp32") and run["setup_seconds"] > 0
+    assert run["train_seconds"] == run["epochs"][-1]["seconds"] > 0
+    token = student["Authorization"].removeprefix("Bearer ")
+    page = client.get(f"/submissions/{sub['id']}", headers={"Accept": "text/html",
+                                                             "Cookie": f"hparena_token={token}"}).text
+    assert f'id="precision">{run["precision"]}<' in page
+    assert client.post(f"/api/submissions/{sub['id']}/cancel", headers=student).status_code == 200
+    t.join(60)
+    assert out == ["cancelled"]
 
 
 def test_a_superseded_worker_stops_and_says_superseded_not_cancelled(training):

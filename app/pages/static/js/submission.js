@@ -1,6 +1,7 @@
 // A submission, live: charts of each run's per-epoch train loss, public accuracy and lr (Chart.js, one line
 // per run), filled in place from live.json every data-poll-ms until the submission is over; the status,
-// queue position, ETA, timings and epoch table are swapped in from the server-rendered fragment.
+// queue position, ETA, device, precision, timings (setup and training so far while a run trains, the final
+// setup / train / eval once it is over) and epoch table are swapped in from the server-rendered fragment.
 (function () {
   "use strict";
   var live = document.getElementById("live");
