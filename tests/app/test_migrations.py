@@ -44,3 +44,26 @@ def test_0003_gives_runs_from_before_the_spec_they_were_submitted_with(client, d
     after = {run.seed: (run.spec, run.spec_hash) for run in db.scalars(select(Run))}
     assert after == before and set(after) == {0, 7}
     assert after[0][0].config.lr == 0.05 and after[0][0].config.epochs == 3  # unset: the whole budget
+
+
+def test_0009_fills_precision_and_setup_seconds_from_the_results_already_stored(client, db, admin_headers,
+                                                                              database_url):
+    """Runs that ended before 0009 keep their precision and setup time in their result record only: the upgrade
+    copies both onto the row, where a running run now reports them; a run without a result stays blank."""
+    from sqlalchemy import select, update
+
+    from app.submissions.models import Run
+    from tests.factories import join, make_competition, make_organizer, submit
+
+    comp = make_competition(client, make_organizer(client, admin_headers), seeds=[0, 7])
+    submit(client, comp, join(client, comp["slug"]), lr=0.05, batch_size=32)
+    ended, waiting = db.scalars(select(Run.id).order_by(Run.seed)).all()
+    db.execute(update(Run).where(Run.id == ended).values(
+        result={"precision": "bf16", "timings": {"setup_seconds": 1.25, "train_seconds": 30.0}}))
+    db.commit()
+    db.close()
+    migrate.downgrade(database_url, "0008")
+    migrate.upgrade(database_url)
+    db.expire_all()
+    rows = {r.id: (r.precision, r.setup_seconds) for r in db.scalars(select(Run))}
+    assert rows == {ended: ("bf16", 1.25), waiting: (None, None)}
